@@ -1,0 +1,125 @@
+"""Backbones: a ``keras.applications`` constructor, its weights and its own preprocessing.
+
+Preprocessing is rebuilt from Keras' built-in layers so that a saved model loads anywhere with
+plain Keras (no custom objects to register). ``preprocess: auto`` finds out which of the four
+known transforms a backbone's own ``preprocess_input`` performs by calling it on probe pixels.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from tlsweep.config import BackboneConfig
+from tlsweep.errors import UserError
+
+IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
+TORCH_MEAN = (0.485, 0.456, 0.406)
+TORCH_STD = (0.229, 0.224, 0.225)
+
+
+def constructor(architecture: str) -> Callable[..., keras.Model]:
+    """The ``keras.applications`` constructor named ``architecture`` (e.g. ``"ResNet50"``)."""
+    ctor = getattr(keras.applications, architecture, None)
+    if not callable(ctor) or architecture[:1].islower():
+        known = ", ".join(n for n in dir(keras.applications) if n[:1].isupper())
+        raise UserError(
+            f"backbone.architecture={architecture} is not in keras.applications: {known}"
+        )
+    return ctor
+
+
+def own_preprocess_input(architecture: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The ``preprocess_input`` of the module that defines the constructor."""
+    return sys.modules[constructor(architecture).__module__].preprocess_input
+
+
+def preprocess_mode(cfg: BackboneConfig) -> str:
+    """``cfg.preprocess``, with ``auto`` resolved by probing the backbone's own function."""
+    if cfg.preprocess != "auto":
+        return cfg.preprocess
+    probe = np.random.default_rng(0).uniform(0, 255, (1, 2, 2, 3)).astype("float32")
+    expected = np.asarray(own_preprocess_input(cfg.architecture)(probe.copy()))
+    for mode in ("caffe", "tf", "torch", "none"):
+        model = keras.Sequential([keras.Input((2, 2, 3)), *preprocessing_layers(mode)])
+        if np.allclose(np.asarray(model(probe)), expected, atol=1e-4):
+            return mode
+    raise UserError(
+        f"cannot express {cfg.architecture}'s preprocess_input with built-in layers; "
+        "set backbone.preprocess to caffe, tf, torch or none"
+    )
+
+
+def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
+    """Built-in layers that map raw RGB pixels in [0, 255] as ``preprocess_input`` does."""
+    if mode == "caffe":  # RGB -> BGR, minus the ImageNet mean (ResNet, VGG)
+        flip = keras.layers.Dense(3, trainable=False, name="rgb_to_bgr_minus_mean")
+        flip.build((None, 3))
+        flip.set_weights(
+            [np.eye(3, dtype="float32")[::-1], -np.array(IMAGENET_MEAN_BGR, "float32")]
+        )
+        return [flip]
+    if mode == "tf":  # scale to [-1, 1] (MobileNet, Inception, Xception, ResNetV2)
+        return [keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale_to_pm1")]
+    if mode == "torch":  # [0, 1], then ImageNet mean and std (DenseNet)
+        return [
+            keras.layers.Rescaling(1 / 255.0, name="scale_to_unit"),
+            keras.layers.Normalization(
+                mean=TORCH_MEAN, variance=np.square(TORCH_STD), name="imagenet_normalize"
+            ),
+        ]
+    if mode == "none":  # the network rescales itself (EfficientNet, ConvNeXt)
+        return []
+    raise UserError(f"backbone.preprocess={mode} is not allowed: choose caffe, tf, torch or none")
+
+
+def build_backbone(cfg: BackboneConfig) -> keras.Model:
+    """The network without its top, with the configured weights, frozen."""
+    ctor = constructor(cfg.architecture)
+    shape = (cfg.input_size, cfg.input_size, 3)
+    weights = _weights_argument(cfg.weights)
+    try:
+        base = ctor(include_top=False, weights=weights, input_shape=shape, **cfg.options)
+    except UserError:
+        raise
+    except Exception as exc:
+        if weights == "imagenet" and _looks_like_download_failure(exc):
+            raise UserError(
+                f"could not download ImageNet weights for {cfg.architecture} ({_short(exc)}); "
+                "without internet use backbone.weights=null or backbone.weights=/path/to/file.h5"
+            ) from None
+        if weights not in (None, "imagenet"):
+            raise UserError(
+                f"backbone.weights={cfg.weights} does not fit {cfg.architecture} "
+                f"without its top at {cfg.input_size}x{cfg.input_size}: {_short(exc)}"
+            ) from None
+        raise UserError(f"cannot build {cfg.architecture}: {_short(exc)}") from None
+    base.trainable = False
+    return base
+
+
+def _weights_argument(weights: str | None) -> str | None:
+    if weights in (None, "imagenet"):
+        return weights
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise UserError(
+            f"backbone.weights={weights}: no such file; use imagenet, null, or a weights file path"
+        )
+    return str(path)
+
+
+def _looks_like_download_failure(exc: Exception) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(
+        word in text for word in ("url fetch failure", "urlopen", "connection", "resolution")
+    )
+
+
+def _short(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -1,0 +1,291 @@
+"""Compose the Hydra config, check it against a typed schema, and validate its values.
+
+The YAML files under ``conf/`` are the user-facing contract; the dataclasses below are the
+schema they are merged into, so a typo in a key or a string where a number belongs fails at
+composition, before anything is trained.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tlsweep.errors import UserError
+
+CONFIG_GROUPS = ("data", "backbone", "optimizer")
+POOLINGS = ("avg", "max", "flatten")
+PREPROCESS_MODES = ("auto", "caffe", "tf", "torch", "none")
+OPTIMIZERS = ("adam", "sgd", "rmsprop", "adamw")
+DATA_SOURCES = ("digits", "folder", "keras")
+MONITORS = ("val_accuracy", "val_loss", "accuracy", "loss")
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"
+    name: str = "digits"
+    path: str | None = None
+    classes: list[str] | None = None
+    test_fraction: float = 0.25
+    val_fraction: float = 0.2
+    train_limit: int | None = None
+    test_limit: int | None = None
+    split_seed: int = 0
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet50"
+    architecture: str = "ResNet50"
+    weights: str | None = "imagenet"
+    input_size: int = 224
+    min_input_size: int = 32
+    preprocess: str = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HeadConfig:
+    pooling: str = "avg"
+    dense_units: int = 256
+    dropout: float = 0.3
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float | None = None
+
+
+@dataclass
+class EarlyStoppingConfig:
+    monitor: str = "val_accuracy"
+    patience: int | None = 3
+
+
+@dataclass
+class FineTuneConfig:
+    epochs: int = 0
+    unfreeze_layers: int = 20
+    learning_rate: float = 1e-5
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    epochs: int = 5
+    deterministic: bool = True
+    mixed_precision: bool = False
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    experiment: str = "tlsweep"
+    run_name: str | None = None
+    log_model: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def config_dir() -> Path:
+    """The directory holding ``config.yaml`` and the groups.
+
+    ``$TLSWEEP_CONFIG_DIR`` wins; then the repository's ``conf/`` (source checkout or editable
+    install); then the copy packaged inside the wheel.
+    """
+    if env := os.environ.get("TLSWEEP_CONFIG_DIR"):
+        return Path(env).expanduser().resolve()
+    checkout = Path(__file__).resolve().parents[2] / "conf"
+    if (checkout / "config.yaml").is_file():
+        return checkout
+    return Path(str(resources.files("tlsweep") / "_conf"))
+
+
+def group_choices(group: str) -> list[str]:
+    """The options of a config group, e.g. ``group_choices("optimizer")``."""
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``conf/config.yaml`` with Hydra overrides; bad overrides raise `UserError`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    _check_group_choices(overrides)
+    try:
+        with initialize_config_dir(str(config_dir()), version_base=None, job_name="tlsweep"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UserError(f"bad override: {_first_line(exc)}") from None
+
+
+def load_config(overrides: Sequence[str] = ()) -> Config:
+    """Compose, type-check and validate: the one way a `Config` is made from user input."""
+    return to_config(compose(overrides))
+
+
+def to_config(raw: DictConfig | Mapping[str, Any]) -> Config:
+    """Merge a composed config into the schema and validate its values."""
+    raw = raw if isinstance(raw, DictConfig) else OmegaConf.create(dict(raw))
+    missing = sorted(OmegaConf.missing_keys(raw))
+    if missing:
+        raise UserError(_missing_message(missing[0]))
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        raise UserError(
+            f"bad config value{f' for {key}' if key else ''}: {_first_line(exc)}"
+        ) from None
+    assert isinstance(config, Config)
+    validate(config)
+    return config
+
+
+def validate(cfg: Config) -> None:
+    """Refuse out-of-range values before any data is loaded or any model is built."""
+    _require_choice("head.pooling", cfg.head.pooling, POOLINGS)
+    _require_choice("backbone.preprocess", cfg.backbone.preprocess, PREPROCESS_MODES)
+    _require_choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
+    _require_choice("data.source", cfg.data.source, DATA_SOURCES)
+    _require_choice("train.early_stopping.monitor", cfg.train.early_stopping.monitor, MONITORS)
+    _require(0 <= cfg.head.dropout < 1, "head.dropout", cfg.head.dropout, "must be in [0, 1)")
+    _require(cfg.head.dense_units >= 1, "head.dense_units", cfg.head.dense_units, "must be >= 1")
+    _require(cfg.train.batch_size >= 1, "train.batch_size", cfg.train.batch_size, "must be >= 1")
+    _require(cfg.train.epochs >= 1, "train.epochs", cfg.train.epochs, "must be >= 1")
+    _require(
+        cfg.optimizer.learning_rate > 0,
+        "optimizer.learning_rate",
+        cfg.optimizer.learning_rate,
+        "must be > 0",
+    )
+    _validate_fine_tune(cfg.train.fine_tune)
+    _validate_backbone(cfg.backbone)
+    _validate_data(cfg.data)
+    patience = cfg.train.early_stopping.patience
+    _require(
+        patience is None or patience >= 1,
+        "train.early_stopping.patience",
+        patience,
+        "must be >= 1, or null to turn early stopping off",
+    )
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, as logged with every run."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain nested dicts."""
+    result = OmegaConf.to_container(OmegaConf.structured(cfg))
+    assert isinstance(result, dict)
+    return result
+
+
+def flatten(cfg: Config | Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to leaf values: ``{"head.dense_units": 256, ...}``."""
+    tree = to_dict(cfg) if isinstance(cfg, Config) else cfg
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _validate_fine_tune(ft: FineTuneConfig) -> None:
+    _require(ft.epochs >= 0, "train.fine_tune.epochs", ft.epochs, "must be >= 0 (0 turns it off)")
+    if ft.epochs:
+        _require(
+            ft.unfreeze_layers >= 1,
+            "train.fine_tune.unfreeze_layers",
+            ft.unfreeze_layers,
+            "must be >= 1",
+        )
+        _require(
+            ft.learning_rate > 0, "train.fine_tune.learning_rate", ft.learning_rate, "must be > 0"
+        )
+
+
+def _validate_backbone(bb: BackboneConfig) -> None:
+    _require(
+        bb.input_size >= bb.min_input_size,
+        "backbone.input_size",
+        bb.input_size,
+        f"{bb.architecture} needs at least {bb.min_input_size}",
+    )
+    if bb.weights not in (None, "imagenet"):
+        path = Path(bb.weights).expanduser()
+        if not path.is_file():
+            raise UserError(
+                f"backbone.weights={bb.weights}: no such file; "
+                "use imagenet, null, or the path of a weights file"
+            )
+
+
+def _validate_data(data: DataConfig) -> None:
+    _require(0 < data.val_fraction < 1, "data.val_fraction", data.val_fraction, "must be in (0, 1)")
+    _require(
+        0 <= data.test_fraction < 1, "data.test_fraction", data.test_fraction, "must be in [0, 1)"
+    )
+    for key in ("train_limit", "test_limit"):
+        limit = getattr(data, key)
+        _require(limit is None or limit >= 1, f"data.{key}", limit, "must be >= 1 or null")
+    if data.source == "folder" and not data.path:
+        raise UserError(_missing_message("data.path"))
+
+
+def _check_group_choices(overrides: Sequence[str]) -> None:
+    """Unknown group options get a one-line error listing the valid ones."""
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if sep and key in CONFIG_GROUPS and value not in group_choices(key):
+            choices = ", ".join(group_choices(key))
+            raise UserError(f"unknown {key} '{value}'; choose from: {choices}")
+
+
+def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise UserError(f"{key}={value} is not allowed: {allowed}")
+
+
+def _require_choice(key: str, value: str, choices: Sequence[str]) -> None:
+    _require(value in choices, key, value, f"choose from {', '.join(choices)}")
+
+
+def _missing_message(key: str) -> str:
+    if key == "data.path":
+        return "data.path is required for data=folder, e.g. data.path=~/photos"
+    return f"{key} is required: set it on the command line, e.g. {key}=..."
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines[:2]) if lines else type(exc).__name__

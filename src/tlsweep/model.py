@@ -1,0 +1,100 @@
+"""The classifier: raw pixels -> preprocessing -> frozen backbone -> head.
+
+Three named parts, so that later stages can take them apart:
+``preprocess`` (built-in layers doing the backbone's own ``preprocess_input``), ``backbone``
+(always called with ``training=False``, so BatchNorm stays in inference mode even when
+unfrozen) and ``head`` (pooling, Dense + ReLU, Dropout, softmax; a model of its own that
+takes the backbone's feature map).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+
+from tlsweep.backbones import build_backbone, preprocess_mode, preprocessing_layers
+from tlsweep.config import BackboneConfig, HeadConfig, OptimizerConfig
+
+POOLING_LAYERS = {
+    "avg": keras.layers.GlobalAveragePooling2D,
+    "max": keras.layers.GlobalMaxPooling2D,
+    "flatten": keras.layers.Flatten,
+}
+
+
+def build_classifier(
+    backbone_cfg: BackboneConfig, head_cfg: HeadConfig, num_classes: int
+) -> keras.Model:
+    """The full raw-image model, with the backbone frozen."""
+    size = backbone_cfg.input_size
+    inputs = keras.Input((size, size, 3), name="image")
+    preprocess = keras.Sequential(
+        [keras.Input((size, size, 3)), *preprocessing_layers(preprocess_mode(backbone_cfg))],
+        name="preprocess",
+    )
+    backbone = build_backbone(backbone_cfg)
+    head = build_head(backbone.output.shape[1:], head_cfg, num_classes)
+    features = backbone(preprocess(inputs), training=False)
+    return keras.Model(inputs, head(features), name=f"{backbone_cfg.name}_classifier")
+
+
+def build_head(
+    feature_shape: Sequence[int | None], cfg: HeadConfig, num_classes: int
+) -> keras.Model:
+    """Pooling -> Dense(relu) -> Dropout -> Dense(softmax, float32) on a backbone feature map."""
+    features = keras.Input(tuple(feature_shape), name="features")
+    x = POOLING_LAYERS[cfg.pooling](name=f"{cfg.pooling}_pool")(features)
+    x = keras.layers.Dense(cfg.dense_units, activation="relu", name="dense")(x)
+    x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(
+        num_classes, activation="softmax", dtype="float32", name="probabilities"
+    )(x)
+    return keras.Model(features, outputs, name="head")
+
+
+def backbone_of(model: keras.Model) -> keras.Model:
+    """The backbone sub-model of a classifier built by `build_classifier`."""
+    return next(
+        layer
+        for layer in model.layers
+        if isinstance(layer, keras.Model) and layer.name not in ("preprocess", "head")
+    )
+
+
+def unfreeze_top(model: keras.Model, n_layers: int) -> int:
+    """Make the top ``n_layers`` of the backbone trainable, BatchNorm excluded.
+
+    Returns how many layers were unfrozen. The caller must recompile the model.
+    """
+    backbone = backbone_of(model)
+    backbone.trainable = True
+    candidates = [layer for layer in backbone.layers if layer.weights]
+    top = candidates[-n_layers:] if n_layers else []
+    for layer in backbone.layers:
+        layer.trainable = layer in top and not isinstance(layer, keras.layers.BatchNormalization)
+    return sum(layer.trainable for layer in top)
+
+
+def make_optimizer(cfg: OptimizerConfig, learning_rate: float | None = None) -> keras.Optimizer:
+    """A fresh Keras optimizer from its config; ``learning_rate`` overrides the configured one."""
+    lr = cfg.learning_rate if learning_rate is None else learning_rate
+    if cfg.name == "sgd":
+        return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.name == "rmsprop":
+        return keras.optimizers.RMSprop(lr, momentum=cfg.momentum)
+    if cfg.name == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay or 0.004)
+    return keras.optimizers.Adam(lr)
+
+
+def compile_classifier(model: keras.Model, optimizer: keras.Optimizer) -> None:
+    """Sparse categorical cross-entropy and accuracy, on integer labels."""
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
+def parameter_counts(model: keras.Model) -> dict[str, int]:
+    """Trainable and total parameter counts."""
+    trainable = sum(int(keras.ops.size(w)) for w in model.trainable_weights)
+    total = sum(int(keras.ops.size(w)) for w in model.weights)
+    return {"trainable_params": trainable, "total_params": total}

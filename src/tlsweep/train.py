@@ -1,0 +1,227 @@
+"""Training and evaluation: knows Keras, nothing of MLflow or Optuna (callbacks are passed in).
+
+Two stages: the head on the frozen backbone, then optionally fine-tuning the backbone's top
+layers at a low learning rate. Epoch numbers continue across stages (``initial_epoch``) so
+that per-epoch metrics form one curve, and the best epoch of either stage wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+
+from tlsweep.config import Config, TrainConfig
+from tlsweep.data import ImageData, Split, batches
+from tlsweep.model import compile_classifier, make_optimizer, parameter_counts, unfreeze_top
+
+
+@dataclass
+class Evaluation:
+    """Metrics of a model on one split."""
+
+    loss: float
+    accuracy: float
+    confusion: np.ndarray  # rows: true class, columns: predicted class
+    report: dict[str, Any]  # sklearn's classification_report(output_dict=True)
+    report_text: str
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """Scalar metrics, e.g. ``test_loss``, ``test_accuracy``, ``test_f1_macro``."""
+        macro = self.report["macro avg"]
+        return {
+            f"{prefix}_loss": self.loss,
+            f"{prefix}_accuracy": self.accuracy,
+            f"{prefix}_precision_macro": macro["precision"],
+            f"{prefix}_recall_macro": macro["recall"],
+            f"{prefix}_f1_macro": macro["f1-score"],
+        }
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    model: keras.Model
+    history: pd.DataFrame  # one row per epoch, numbered from 1 across stages
+    evaluations: dict[str, Evaluation]
+    best_epoch: int
+    best_value: float
+    parameter_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Final metrics of the restored best weights on validation and test."""
+        out: dict[str, float] = {}
+        for split, evaluation in self.evaluations.items():
+            out.update(evaluation.metrics(split))
+        return out
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and the Keras backend; optionally make TensorFlow ops deterministic."""
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    random.seed(seed)
+    keras.utils.set_random_seed(seed)
+    if deterministic and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def configure_devices(mixed_precision: bool) -> str:
+    """Memory growth on every GPU; mixed precision where a GPU exists. Returns the device kind."""
+    gpus = _gpus()
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        for gpu in tf.config.list_physical_devices("GPU"):
+            with contextlib.suppress(RuntimeError):  # already set up by an earlier run
+                tf.config.experimental.set_memory_growth(gpu, True)
+    policy = "mixed_float16" if mixed_precision and gpus else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    return "gpu" if gpus else "cpu"
+
+
+def train(
+    cfg: Config,
+    data: ImageData,
+    model: keras.Model,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> TrainResult:
+    """Fit the head (then fine-tune if configured), restore the best epoch, evaluate."""
+    keeper = KeepBestWeights(cfg.train.early_stopping.monitor)
+    shared = [LearningRateLogger(), keeper, *callbacks]
+    history = fit_stages(model, cfg, data, shared)
+    keeper.restore()
+    evaluations = {
+        split: evaluate(model, getattr(data, split), data.class_names, cfg.train.batch_size)
+        for split in ("val", "test")
+    }
+    return TrainResult(
+        model=model,
+        history=history,
+        evaluations=evaluations,
+        best_epoch=keeper.best_epoch + 1,
+        best_value=keeper.best,
+        parameter_counts=parameter_counts(model),
+    )
+
+
+def fit_stages(
+    model: keras.Model,
+    cfg: Config,
+    data: ImageData,
+    callbacks: Sequence[keras.callbacks.Callback],
+) -> pd.DataFrame:
+    """Head stage, then the optional fine-tuning stage; one history across both."""
+    tc = cfg.train
+    train_ds = batches(data.train, tc.batch_size, shuffle=True, seed=cfg.seed)
+    val_ds = batches(data.val, tc.batch_size)
+    compile_classifier(model, make_optimizer(cfg.optimizer))
+    head = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=tc.epochs,
+        verbose=0,
+        shuffle=False,
+        callbacks=[*callbacks, _early_stopping(tc)],
+    )
+    frames = [_history_frame(head, stage="head")]
+    done = len(head.epoch) and head.epoch[-1] + 1
+    if tc.fine_tune.epochs:
+        unfreeze_top(model, tc.fine_tune.unfreeze_layers)
+        compile_classifier(model, make_optimizer(cfg.optimizer, tc.fine_tune.learning_rate))
+        tuned = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            initial_epoch=done,
+            verbose=0,
+            shuffle=False,
+            epochs=done + tc.fine_tune.epochs,
+            callbacks=[*callbacks, _early_stopping(tc)],
+        )
+        frames.append(_history_frame(tuned, stage="fine_tune"))
+    return pd.concat(frames, ignore_index=True)
+
+
+def evaluate(
+    model: keras.Model, split: Split, class_names: Sequence[str], batch_size: int
+) -> Evaluation:
+    """Loss, accuracy, per-class report and confusion matrix (scikit-learn) on one split."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    probabilities = np.asarray(model.predict(batches(split, batch_size), verbose=0), "float64")
+    labels = split.labels
+    predicted = probabilities.argmax(axis=1)
+    picked = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
+    classes = list(range(len(class_names)))
+    kwargs = {"labels": classes, "target_names": list(class_names), "zero_division": 0}
+    return Evaluation(
+        loss=float(-np.log(picked).mean()),
+        accuracy=float((predicted == labels).mean()),
+        confusion=confusion_matrix(labels, predicted, labels=classes),
+        report=classification_report(labels, predicted, output_dict=True, **kwargs),
+        report_text=classification_report(labels, predicted, digits=4, **kwargs),
+    )
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds ``learning_rate`` to each epoch's logs (before the other callbacks see them)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if logs is not None:
+            logs["learning_rate"] = float(
+                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            )
+
+
+class KeepBestWeights(keras.callbacks.Callback):
+    """Remembers the best epoch's weights across several ``fit`` calls (both stages)."""
+
+    def __init__(self, monitor: str) -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.minimize = "loss" in monitor
+        self.best = float("inf") if self.minimize else float("-inf")
+        self.best_epoch = -1
+        self._weights: list[np.ndarray] | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            raise KeyError(f"monitor {self.monitor!r} is not among the logged metrics {logs}")
+        if (value < self.best) if self.minimize else (value > self.best):
+            self.best, self.best_epoch = float(value), epoch
+            self._weights = self.model.get_weights()
+
+    def restore(self) -> None:
+        if self._weights is not None:
+            self.model.set_weights(self._weights)
+
+
+def _early_stopping(tc: TrainConfig) -> keras.callbacks.EarlyStopping:
+    es = tc.early_stopping
+    patience = es.patience if es.patience is not None else tc.epochs + tc.fine_tune.epochs
+    return keras.callbacks.EarlyStopping(monitor=es.monitor, patience=patience, mode="auto")
+
+
+def _history_frame(history: keras.callbacks.History, stage: str) -> pd.DataFrame:
+    frame = pd.DataFrame(history.history)
+    frame.insert(0, "epoch", [e + 1 for e in history.epoch])
+    frame.insert(1, "stage", stage)
+    return frame
+
+
+def _gpus() -> list[Any]:
+    try:
+        return [d for d in keras.distribution.list_devices() if "gpu" in str(d).lower()]
+    except Exception:  # backends without a device listing
+        return []
