@@ -8,6 +8,7 @@ known transforms a backbone's own ``preprocess_input`` performs by calling it on
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,8 +46,11 @@ def preprocess_mode(cfg: BackboneConfig) -> str:
     probe = np.random.default_rng(0).uniform(0, 255, (1, 2, 2, 3)).astype("float32")
     expected = np.asarray(own_preprocess_input(cfg.architecture)(probe.copy()))
     for mode in ("caffe", "tf", "torch", "none"):
-        model = keras.Sequential([keras.Input((2, 2, 3)), *preprocessing_layers(mode)])
-        if np.allclose(np.asarray(model(probe)), expected, atol=1e-4):
+        # Layer by layer: an eagerly called Sequential with no layers ("none") raises.
+        output = probe
+        for layer in preprocessing_layers(mode):
+            output = layer(output)
+        if np.allclose(np.asarray(output), expected, atol=1e-4):
             return mode
     raise UserError(
         f"cannot express {cfg.architecture}'s preprocess_input with built-in layers; "
@@ -83,7 +87,10 @@ def build_backbone(cfg: BackboneConfig) -> keras.Model:
     shape = (cfg.input_size, cfg.input_size, 3)
     weights = _weights_argument(cfg.weights)
     try:
-        base = ctor(include_top=False, weights=weights, input_shape=shape, **cfg.options)
+        with warnings.catch_warnings():
+            # Without the top, ImageNet weights fit any input size: the 224 warning is noise.
+            warnings.filterwarnings("ignore", message="`input_shape` is undefined or non-square")
+            base = ctor(include_top=False, weights=weights, input_shape=shape, **cfg.options)
     except UserError:
         raise
     except Exception as exc:

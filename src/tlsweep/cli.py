@@ -40,6 +40,22 @@ examples:
 """
 
 
+SWEEP_HELP = """\
+arguments after NAME:
+  sweep.KEY=VALUE          a study setting: study_name, metric, direction, sampler
+                           (tpe random grid cmaes gp qmc), seed, pruner (median hyperband
+                           successive_halving none), pruner_options, n_trials, timeout, storage
+  KEY=choice(a,b) | range(a,b,step=s) | interval(a,b) | int(interval(a,b)) | tag(log,interval(a,b))
+                           add or replace a search dimension (Hydra's sweep grammar)
+  KEY=VALUE                a base override for every trial (fixes KEY if it was searched)
+
+examples:
+  tlsweep sweep quickstart                        # offline: digits, ResNet50 with random weights
+  tlsweep sweep quickstart sweep.n_trials=20      # resume the same study up to 20 trials
+  tlsweep sweep backbones data=folder data.path=~/photos sweep.n_trials=40
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tlsweep`` console script."""
     parser = build_parser()
@@ -65,6 +81,47 @@ def build_parser() -> argparse.ArgumentParser:
     train.epilog = groups_help() + "\n" + KEY_REFERENCE
     train.add_argument("--cfg", choices=["job"], help="print the resolved config and exit")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides")
+
+    sweep = _command(commands, "sweep", cmd_sweep, "run or resume a sweep from sweeps/NAME.yaml")
+    sweep.formatter_class = argparse.RawDescriptionHelpFormatter
+    sweep.epilog = SWEEP_HELP
+    sweep.add_argument("name", metavar="NAME", help="a sweep in sweeps/ (or a path to a YAML file)")
+    sweep.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="sweep.KEY=VALUE settings, KEY=choice(...) dimensions, base overrides",
+    )
+
+    runs = _command(commands, "runs", cmd_runs, "the leaderboard of a sweep, best first")
+    runs.add_argument("name", nargs="?", metavar="NAME", help="a sweep (study) name; none: list")
+    runs.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
+    runs.add_argument("--storage", metavar="URL", help="Optuna storage (default mlruns/optuna.db)")
+
+    rep = _command(commands, "reproduce", cmd_reproduce, "retrain a logged run and compare")
+    which = rep.add_mutually_exclusive_group(required=True)
+    which.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the MLflow run to reproduce")
+    which.add_argument("--best", metavar="NAME", help="the best trial of sweep NAME")
+    rep.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="largest allowed absolute metric difference (default 0: exact)",
+    )
+    rep.add_argument("--storage", metavar="URL", help="Optuna storage, with --best")
+
+    ui = _command(commands, "ui", cmd_ui, "the MLflow UI on this project's store")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+
+    predict = _command(commands, "predict", cmd_predict, "classify images with a logged model")
+    predict.add_argument(
+        "model_uri",
+        metavar="MODEL_URI",
+        help="e.g. models:/quickstart@champion or runs:/RUN_ID/model",
+    )
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.add_argument("--top-k", type=int, default=3)
     return parser
 
 
@@ -94,6 +151,98 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"  best epoch {trained.best_epoch}: {cfg.train.early_stopping.monitor}="
         f"{trained.best_value:.4f}; test_accuracy={result.metrics['test_accuracy']:.4f}"
     )
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tlsweep.sweep import run_sweep
+    from tlsweep.sweepspec import load_sweep
+
+    summary = run_sweep(load_sweep(args.name, args.overrides))
+    return 0 if summary.best_value is not None else 1
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from tlsweep import report, sweep, tracking
+
+    tracking.connect()
+    if not args.name:
+        names = sweep.study_names(args.storage)
+        print("\n".join(names) if names else "no sweeps yet: tlsweep sweep quickstart")
+        return 0
+    study = sweep.load_study(args.name, args.storage)
+    board = sweep.leaderboard(study, sweep.parent_run_id(study))
+    print(report.to_text(board) if len(board) else f"sweep {args.name} has no trials yet")
+    if args.csv:
+        board.to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from tlsweep.reproduce import reproduce
+
+    run_id = args.run_id
+    if args.best:
+        from tlsweep import sweep, tracking
+
+        tracking.connect()
+        run_id = sweep.best_run_id(args.best, args.storage)
+    result = reproduce(run_id, tolerance=args.tolerance)
+    for note in result.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    print(f"original {result.original_run_id}  reproduced {result.run_id}")
+    print(result.table.to_string(index=False, float_format=lambda v: f"{v:.6g}"))
+    if result.matches:
+        print(f"reproduced: every metric within {result.tolerance:g}")
+        return 0
+    print(f"NOT reproduced: metrics differ by more than {result.tolerance:g}", file=sys.stderr)
+    return 1
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from tlsweep import tracking
+
+    uri = tracking.connect()
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--workers",
+        "1",
+    ]
+    print(
+        f"MLflow UI for {tracking.redact(uri)}: http://{args.host}:{args.port}  (Ctrl-C stops)",
+        flush=True,
+    )
+    return subprocess.call(command)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from tlsweep.data import read_images
+    from tlsweep.tracking import load_model
+
+    if args.top_k < 1:
+        raise UserError(f"--top-k={args.top_k} is not allowed: must be >= 1")
+    model = load_model(args.model_uri)
+    size = model.metadata.get_input_schema().inputs[0].shape[1]
+    names = (model.metadata.metadata or {}).get("class_names")
+    probabilities = np.asarray(model.predict(read_images(args.images, size).astype("float32")))
+    for path, row in zip(args.images, probabilities, strict=True):
+        top = np.argsort(row)[::-1][: args.top_k]
+        shown = "  ".join(f"{names[i] if names else i} {row[i]:.3f}" for i in top)
+        print(f"{path}: {shown}")
     return 0
 
 

@@ -8,6 +8,7 @@ composition, before anything is trained.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from tlsweep.errors import UserError
 
@@ -99,6 +100,14 @@ class TrackingConfig:
 
 
 @dataclass
+class CacheConfig:
+    enabled: bool = True
+    dir: str | None = None  # null: mlruns/feature_cache
+    max_gb: float = 20.0
+    dtype: str = "float32"
+
+
+@dataclass
 class Config:
     seed: int = 42
     data: DataConfig = field(default_factory=DataConfig)
@@ -107,6 +116,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 def config_dir() -> Path:
@@ -139,6 +149,9 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
         with initialize_config_dir(str(config_dir()), version_base=None, job_name="tlsweep"):
             return hydra_compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
+        unknown = re.search(r"Could not override '([^']+)'", str(exc))
+        if unknown:  # Hydra's advice (append with +KEY) would only fail the schema check
+            raise UserError(_unknown_key_message(unknown.group(1))) from None
         raise UserError(f"bad override: {_first_line(exc)}") from None
 
 
@@ -156,6 +169,8 @@ def to_config(raw: DictConfig | Mapping[str, Any]) -> Config:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
         config = OmegaConf.to_object(merged)
+    except ConfigKeyError as exc:
+        raise UserError(_unknown_key_message(str(exc.full_key))) from None
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         raise UserError(
@@ -186,6 +201,8 @@ def validate(cfg: Config) -> None:
     _validate_fine_tune(cfg.train.fine_tune)
     _validate_backbone(cfg.backbone)
     _validate_data(cfg.data)
+    _require_choice("cache.dtype", cfg.cache.dtype, ("float32", "float16"))
+    _require(cfg.cache.max_gb > 0, "cache.max_gb", cfg.cache.max_gb, "must be > 0")
     patience = cfg.train.early_stopping.patience
     _require(
         patience is None or patience >= 1,
@@ -284,6 +301,23 @@ def _missing_message(key: str) -> str:
     if key == "data.path":
         return "data.path is required for data=folder, e.g. data.path=~/photos"
     return f"{key} is required: set it on the command line, e.g. {key}=..."
+
+
+def _unknown_key_message(key: str) -> str:
+    """Name the unknown key and list the keys its deepest existing section does have."""
+    schema = OmegaConf.structured(Config)
+    parts = key.split(".")
+    parent = next(
+        (
+            ".".join(parts[:i])
+            for i in range(len(parts) - 1, 0, -1)
+            if isinstance(OmegaConf.select(schema, ".".join(parts[:i])), DictConfig)
+        ),
+        "",
+    )
+    section = OmegaConf.select(schema, parent) if parent else schema
+    keys = ", ".join(str(k) for k in section)
+    return f"unknown key {key}; {parent or 'the config'} has: {keys}"
 
 
 def _first_line(exc: BaseException) -> str:

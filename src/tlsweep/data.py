@@ -360,3 +360,13 @@ def _fingerprint(source: _Source, split: str) -> str:
             digest.update(str(Path(path).relative_to(source.root)).encode())
             digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
     return digest.hexdigest()[:16]
+
+
+def read_images(paths: Sequence[str], size: int) -> np.ndarray:
+    """Image files as uint8 (N, size, size, 3), decoded and resized as in training."""
+    missing = [p for p in paths if not Path(p).expanduser().is_file()]
+    if missing:
+        raise UserError(f"no such image file: {missing[0]}")
+    files = np.array([str(Path(p).expanduser()) for p in paths])
+    source = _Source({"input": files}, {"input": np.zeros(len(files))}, (), root=Path("/"))
+    return _render(source, "input", size)

@@ -1,22 +1,36 @@
 """One tracked training run: config -> data -> model -> train -> MLflow.
 
-Everything that can be refused (config values, data, weights) is checked before the MLflow
-run starts, so bad input never leaves a run behind; anything failing later ends the run as
-FAILED with its error recorded.
+``run`` is the single-run entry point: everything that can be refused (config values, data,
+weights) is checked in ``prepare`` before the MLflow run starts, so bad input never leaves a
+run behind; anything failing later ends the run as FAILED with its error recorded. A sweep
+trial instead opens its child run first and calls ``prepare`` and ``execute`` inside it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import keras
 
 from tlsweep import tracking
-from tlsweep.config import Config
-from tlsweep.data import load_data
+from tlsweep.config import Config, DataConfig
+from tlsweep.data import ImageData, load_data
+from tlsweep.features import cached_features
 from tlsweep.model import build_classifier, parameter_counts
 from tlsweep.train import TrainResult, configure_devices, seed_everything, train
+
+DataLoader = Callable[[DataConfig, int], ImageData]
+ModelPolicy = bool | Callable[[TrainResult], bool] | None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Data and an untrained model, ready for `execute`."""
+
+    data: ImageData
+    model: keras.Model
+    device: str
 
 
 @dataclass(frozen=True)
@@ -26,21 +40,60 @@ class RunResult:
     train_result: TrainResult
 
 
+def prepare(cfg: Config, load: DataLoader = load_data) -> Prepared:
+    """Fresh Keras state, seeds, devices, data and the model: the same sequence every time, so
+    that a run repeats exactly."""
+    keras.backend.clear_session()
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    device = configure_devices(cfg.train.mixed_precision)
+    data = load(cfg.data, cfg.backbone.input_size)
+    model = build_classifier(cfg.backbone, cfg.head, data.num_classes)
+    return Prepared(data=data, model=model, device=device)
+
+
+def execute(
+    run_id: str,
+    cfg: Config,
+    prepared: Prepared,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    log_model: ModelPolicy = None,
+) -> TrainResult:
+    """Train a prepared model inside the run ``run_id`` and record everything.
+
+    ``log_model``: None follows ``tracking.log_model``; a callable decides from the result.
+    """
+    data, model = prepared.data, prepared.model
+    features = cached_features(cfg, model, data) if cfg.cache.enabled else None
+    tracking.set_tags(run_id, {"device": prepared.device})
+    tracking.log_inputs(
+        run_id,
+        cfg,
+        data,
+        parameter_counts(model),
+        feature_cache=features.status if features else "off",
+    )
+    result = train(cfg, data, model, [tracking.EpochLogger(run_id), *callbacks], features)
+    keep_model = log_model(result) if callable(log_model) else log_model
+    tracking.log_result(
+        run_id,
+        result,
+        data,
+        cfg,
+        log_model=cfg.tracking.log_model if keep_model is None else keep_model,
+    )
+    return result
+
+
 def run(
     cfg: Config,
     *,
     callbacks: Sequence[keras.callbacks.Callback] = (),
-    parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> RunResult:
-    """Train ``cfg`` and record it in MLflow; returns the run id and final metrics."""
-    seed_everything(cfg.seed, cfg.train.deterministic)
-    device = configure_devices(cfg.train.mixed_precision)
-    data = load_data(cfg.data, cfg.backbone.input_size)
-    model = build_classifier(cfg.backbone, cfg.head, data.num_classes)
-    run_tags = {"device": device, **(tags or {})}
-    with tracking.start_run(cfg, parent_run_id=parent_run_id, tags=run_tags) as run_id:
-        tracking.log_inputs(run_id, cfg, data, parameter_counts(model))
-        result = train(cfg, data, model, [tracking.EpochLogger(run_id), *callbacks])
-        tracking.log_result(run_id, result, data, cfg)
+    """Train ``cfg`` as one MLflow run; returns the run id and final metrics."""
+    prepared = prepare(cfg)
+    tracking.connect(cfg.tracking)
+    name = cfg.tracking.run_name or tracking.default_run_name(cfg)
+    with tracking.start_run(cfg.tracking.experiment, name, tags=tags) as run_id:
+        result = execute(run_id, cfg, prepared, callbacks)
     return RunResult(run_id=run_id, metrics=result.metrics, train_result=result)

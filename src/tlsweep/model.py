@@ -1,10 +1,10 @@
-"""The classifier: raw pixels -> preprocessing -> frozen backbone -> head.
+"""The classifier: raw pixels -> preprocessing -> frozen backbone -> pooling -> head.
 
-Three named parts, so that later stages can take them apart:
-``preprocess`` (built-in layers doing the backbone's own ``preprocess_input``), ``backbone``
-(always called with ``training=False``, so BatchNorm stays in inference mode even when
-unfrozen) and ``head`` (pooling, Dense + ReLU, Dropout, softmax; a model of its own that
-takes the backbone's feature map).
+Named parts, so that later stages can take them apart: ``preprocess`` (built-in layers doing
+the backbone's own ``preprocess_input``), the backbone (always called with ``training=False``,
+so BatchNorm stays in inference mode even when unfrozen), ``pool`` (avg, max or flatten) and
+``head`` (Dense + ReLU, Dropout, softmax: a model of its own on the pooled vector). Everything
+up to ``pool`` is the feature extractor whose output the feature cache stores.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import keras
 from tlsweep.backbones import build_backbone, preprocess_mode, preprocessing_layers
 from tlsweep.config import BackboneConfig, HeadConfig, OptimizerConfig
 
+POOL_LAYER = "pool"
+HEAD = "head"
 POOLING_LAYERS = {
     "avg": keras.layers.GlobalAveragePooling2D,
     "max": keras.layers.GlobalMaxPooling2D,
@@ -34,23 +36,33 @@ def build_classifier(
         name="preprocess",
     )
     backbone = build_backbone(backbone_cfg)
-    head = build_head(backbone.output.shape[1:], head_cfg, num_classes)
-    features = backbone(preprocess(inputs), training=False)
-    return keras.Model(inputs, head(features), name=f"{backbone_cfg.name}_classifier")
+    feature_map = backbone(preprocess(inputs), training=False)
+    pooled = POOLING_LAYERS[head_cfg.pooling](name=POOL_LAYER)(feature_map)
+    head = build_head(pooled.shape[1:], head_cfg, num_classes)
+    return keras.Model(inputs, head(pooled), name=f"{backbone_cfg.name}_classifier")
 
 
 def build_head(
     feature_shape: Sequence[int | None], cfg: HeadConfig, num_classes: int
 ) -> keras.Model:
-    """Pooling -> Dense(relu) -> Dropout -> Dense(softmax, float32) on a backbone feature map."""
+    """Dense(relu) -> Dropout -> Dense(softmax, float32) on pooled backbone features."""
     features = keras.Input(tuple(feature_shape), name="features")
-    x = POOLING_LAYERS[cfg.pooling](name=f"{cfg.pooling}_pool")(features)
-    x = keras.layers.Dense(cfg.dense_units, activation="relu", name="dense")(x)
+    x = keras.layers.Dense(cfg.dense_units, activation="relu", name="dense")(features)
     x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
     outputs = keras.layers.Dense(
         num_classes, activation="softmax", dtype="float32", name="probabilities"
     )(x)
-    return keras.Model(features, outputs, name="head")
+    return keras.Model(features, outputs, name=HEAD)
+
+
+def head_of(model: keras.Model) -> keras.Model:
+    """The trainable head sub-model (shares its weights with the classifier)."""
+    return model.get_layer(HEAD)
+
+
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """Raw pixels -> pooled features: the classifier's frozen part (shares its weights)."""
+    return keras.Model(model.inputs, model.get_layer(POOL_LAYER).output, name="features")
 
 
 def backbone_of(model: keras.Model) -> keras.Model:

@@ -23,3 +23,103 @@ class EpochPrinter(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         shown = "  ".join(f"{k} {float(logs[k]):.4f}" for k in SHOWN if k in (logs or {}))
         self.console.print(f"{self.prefix}epoch {epoch + 1}/{self.total_epochs}  {shown}")
+
+
+class SweepProgress:
+    """A live line per trial (trial k/N, epoch, metric, best so far) and a closing summary."""
+
+    def __init__(
+        self, n_trials: int, metric: str, maximize: bool = True, console: Console | None = None
+    ) -> None:
+        self.n_trials = n_trials
+        self.metric = metric
+        self.maximize = maximize
+        self.console = console or Console(highlight=False)
+        self.done = 0
+        self.best: float | None = None
+        self.study_name = ""
+        self._status: Any = None
+
+    def started(self, study_name: str, done: int) -> None:
+        self.study_name, self.done = study_name, done
+        todo = max(self.n_trials - done, 0)
+        resumed = f" (resuming: {done} finished)" if done else ""
+        self.console.print(f"sweep [bold]{study_name}[/]: {todo} trial(s) to run{resumed}")
+
+    def trial_started(self, number: int, params: Mapping[str, Any]) -> None:
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
+        self.console.print(f"trial {self._k()}/{self.n_trials} (#{number}) {shown}")
+        self._status = self.console.status(f"trial {self._k()}/{self.n_trials} starting")
+        self._status.start()
+
+    def epoch_callback(self, number: int, cfg: Any) -> keras.callbacks.Callback:
+        total = cfg.train.epochs + cfg.train.fine_tune.epochs
+        return _LiveEpochLine(self, total)
+
+    def epoch_done(self, epoch: int, total: int, logs: Mapping[str, Any]) -> None:
+        value = logs.get(self.metric)
+        shown = f"{self.metric} {float(value):.4f}" if value is not None else ""
+        best = f"  best so far {self.best:.4f}" if self.best is not None else ""
+        if self._status is not None:
+            self._status.update(
+                f"trial {self._k()}/{self.n_trials}  epoch {epoch}/{total}  {shown}{best}"
+            )
+
+    def trial_finished(
+        self,
+        number: int,
+        state: str,
+        value: float | None,
+        seconds: float,
+        reason: str | None = None,
+    ) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+        if state in ("COMPLETE",) and value is not None:
+            self.best = value if self.best is None else self._better(value, self.best)
+        if state != "FAIL":
+            self.done += 1
+        shown = f"{self.metric}={value:.4f}" if value is not None else (reason or "")[:160]
+        best = f"  best {self.best:.4f}" if self.best is not None else ""
+        color = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(state, "white")
+        self.console.print(f"  #{number} [{color}]{state}[/] {shown}{best}  {seconds:.1f}s")
+
+    def finished(self, board: Any, best_value: float | None, champion_uri: str | None) -> None:
+        self.console.rule(f"sweep {self.study_name}")
+        if board is not None and len(board):
+            from tlsweep.report import to_text
+
+            self.console.print(to_text(board.head(10)), soft_wrap=True)
+        if best_value is None:
+            self.console.print("no completed trial yet")
+            return
+        self.console.print(f"best {self.metric}: {best_value:.4f}")
+        if champion_uri:
+            self.console.print(f"champion model: {champion_uri}")
+        self.console.print(
+            "next:\n"
+            f"  tlsweep runs {self.study_name}              # the leaderboard\n"
+            f"  tlsweep reproduce --best {self.study_name}  # retrain the best trial and compare\n"
+            "  tlsweep ui                          # browse runs in the MLflow UI"
+        )
+
+    def _k(self) -> int:
+        return min(self.done + 1, self.n_trials)
+
+    def _better(self, a: float, b: float) -> float:
+        return max(a, b) if self.maximize else min(a, b)
+
+
+class _LiveEpochLine(keras.callbacks.Callback):
+    def __init__(self, progress: SweepProgress, total: int) -> None:
+        super().__init__()
+        self.progress = progress
+        self.total = total
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self.progress.epoch_done(epoch + 1, self.total, logs or {})
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -12,7 +12,7 @@ import re
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import pandas as pd
 
 from tlsweep.config import Config, TrackingConfig, flatten, to_yaml
 from tlsweep.data import ImageData
@@ -35,6 +36,16 @@ from mlflow.types import Schema, TensorSpec
 DEFAULT_STORE_DIR = Path("mlruns")
 VERSIONED_PACKAGES = ("tensorflow", "keras", "optuna", "mlflow", "numpy", "tlsweep")
 MAX_PARAM_LENGTH = 6000
+MODEL_URI_TAG = "tlsweep.model_uri"
+LEADERBOARD_METRICS = (
+    "test_accuracy",
+    "test_loss",
+    "test_f1_macro",
+    "best_val_accuracy",
+    "best_val_loss",
+    "best_epoch",
+    "epochs_run",
+)
 
 
 def tracking_uri(cfg: TrackingConfig | None = None) -> str:
@@ -73,31 +84,47 @@ def experiment_id(name: str) -> str:
 
 @contextmanager
 def start_run(
-    cfg: Config,
+    experiment: str,
+    run_name: str,
     *,
-    run_name: str | None = None,
     parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> Iterator[str]:
-    """An MLflow run that always ends: FINISHED, or FAILED/KILLED with its error recorded."""
-    connect(cfg.tracking)
-    run = mlflow.start_run(
-        experiment_id=experiment_id(cfg.tracking.experiment),
-        run_name=run_name or cfg.tracking.run_name or default_run_name(cfg),
-        parent_run_id=parent_run_id,
-        nested=parent_run_id is not None,
-        tags=dict(tags or {}),
+    """An MLflow run that always ends: FINISHED, or FAILED/KILLED with its error recorded.
+
+    Call `connect` first. A run nested under ``parent_run_id`` works whether or not the parent
+    is the active run in this process (workers on other machines share one parent).
+    """
+    run = mlflow.MlflowClient().create_run(
+        experiment_id(experiment),
+        run_name=run_name,
+        tags={**({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}), **(tags or {})},
     )
     run_id = run.info.run_id
-    try:
+    with guard_run(run_id):
         yield run_id
+
+
+@contextmanager
+def guard_run(run_id: str, end: bool = True) -> Iterator[None]:
+    """Record an exception on ``run_id`` and end it FAILED (KILLED on Ctrl-C), or FINISHED."""
+    client = mlflow.MlflowClient()
+    try:
+        yield
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         record_failure(run_id, exc)
-        mlflow.end_run(status)
+        client.set_terminated(run_id, status)
         raise
-    else:
-        mlflow.end_run("FINISHED")
+    if end:
+        client.set_terminated(run_id, "FINISHED")
+
+
+def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+    """Set several tags on a run."""
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
 
 
 def record_failure(run_id: str, exc: BaseException) -> None:
@@ -129,9 +156,17 @@ class EpochLogger(keras.callbacks.Callback):
         mlflow.log_metrics(metrics, step=epoch + 1, run_id=self.run_id)
 
 
-def log_inputs(run_id: str, cfg: Config, data: ImageData, counts: Mapping[str, int]) -> None:
-    """Params: the flattened config, the data actually used, model size and versions."""
+def log_inputs(
+    run_id: str,
+    cfg: Config,
+    data: ImageData,
+    counts: Mapping[str, int],
+    feature_cache: str = "off",
+) -> None:
+    """Params: the flattened config, the data actually used, model size, versions, and the
+    training path (``feature_cache``: hit, miss or off)."""
     params: dict[str, Any] = flatten(cfg)
+    params["feature_cache"] = feature_cache
     params.update(
         {
             "data.fingerprint": data.fingerprint,
@@ -152,8 +187,10 @@ def log_inputs(run_id: str, cfg: Config, data: ImageData, counts: Mapping[str, i
     )
 
 
-def log_result(run_id: str, result: TrainResult, data: ImageData, cfg: Config) -> None:
-    """Final metrics, history, evaluation artifacts and (if configured) the model."""
+def log_result(
+    run_id: str, result: TrainResult, data: ImageData, cfg: Config, log_model: bool = True
+) -> None:
+    """Final metrics, history, evaluation artifacts and (if asked) the full model."""
     client = mlflow.MlflowClient()
     final = {f"best_{k}" if k.startswith("val_") else k: v for k, v in result.metrics.items()}
     final.update(best_epoch=result.best_epoch, epochs_run=len(result.history))
@@ -164,23 +201,37 @@ def log_result(run_id: str, result: TrainResult, data: ImageData, cfg: Config) -
         client.log_artifact(run_id, str(history_csv))
         for split, evaluation in result.evaluations.items():
             _log_evaluation(client, run_id, split, evaluation, data.class_names, Path(tmp))
-    if cfg.tracking.log_model:
-        log_model(run_id, result.model)
+    if log_model:
+        log_keras_model(run_id, result.model, data.class_names)
 
 
-def log_model(run_id: str, model: keras.Model, name: str = "model") -> str:
-    """Log the raw-image model (Keras flavour, signature, explicit pip requirements)."""
+def log_keras_model(
+    run_id: str, model: keras.Model, class_names: Sequence[str], name: str = "model"
+) -> str:
+    """Log the raw-image model (Keras flavour, signature, explicit pip requirements).
+
+    The class names travel in the model's metadata; the model URI is kept as a run tag.
+    """
     size = model.input_shape[1]
     classes = model.output_shape[-1]
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype("float32"), (-1, size, size, 3), "image")]),
         outputs=Schema([TensorSpec(np.dtype("float32"), (-1, classes), "probabilities")]),
     )
-    with _active(run_id):
-        info = mlflow.keras.log_model(
-            model, name=name, signature=signature, pip_requirements=model_requirements()
+    client = mlflow.MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / name
+        mlflow.keras.save_model(
+            model,
+            str(local),
+            signature=signature,
+            pip_requirements=model_requirements(),
+            metadata={"class_names": list(class_names)},
         )
-    return info.model_uri
+        client.log_artifacts(run_id, str(local), name)
+    model_uri = f"runs:/{run_id}/{name}"
+    client.set_tag(run_id, MODEL_URI_TAG, model_uri)
+    return model_uri
 
 
 def load_model(model_uri: str) -> Any:
@@ -214,6 +265,141 @@ def model_requirements() -> list[str]:
     ]
 
 
+def redact(url: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
+    return re.sub(r"(://[^:/@\s]+):[^@\s]*@", r"\1:***@", url)
+
+
+# --- sweeps: the parent run, the leaderboard, the champion -------------------------------------
+
+
+def open_parent_run(experiment: str, run_id: str | None, tags: Mapping[str, str]) -> str:
+    """The sweep's parent run: reopened when resuming, created otherwise."""
+    client = mlflow.MlflowClient()
+    if run_id:
+        try:
+            existing = client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            existing = None
+        if existing is not None and existing.info.lifecycle_stage == "active":
+            client.update_run(run_id, status="RUNNING")
+            set_tags(run_id, tags)
+            return run_id
+    run = client.create_run(experiment_id(experiment), run_name=experiment, tags=dict(tags))
+    client.set_tag(run.info.run_id, "tlsweep.role", "sweep")
+    return run.info.run_id
+
+
+def finish_run(run_id: str, status: str = "FINISHED") -> None:
+    mlflow.MlflowClient().set_terminated(run_id, status)
+
+
+def child_runs_frame(parent_run_id: str) -> pd.DataFrame:
+    """The child runs of a sweep: run id, status and final metrics."""
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        max_results=50_000,
+    )
+    rows = [
+        {
+            "run_id": r.info.run_id,
+            "run_status": r.info.status,
+            **{k: v for k, v in r.data.metrics.items() if k in LEADERBOARD_METRICS},
+        }
+        for r in runs
+    ]
+    return pd.DataFrame(rows, columns=["run_id", "run_status", *LEADERBOARD_METRICS])
+
+
+def log_leaderboard(run_id: str, board: pd.DataFrame, metric: str) -> None:
+    """The leaderboard as CSV, HTML and Markdown artifacts."""
+    from tlsweep.report import to_html, to_markdown
+
+    client = mlflow.MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = Path(tmp) / "leaderboard.csv"
+        board.to_csv(csv, index=False)
+        client.log_artifact(run_id, str(csv))
+    client.log_text(run_id, to_html(board, title=f"leaderboard ({metric})"), "leaderboard.html")
+    client.log_text(run_id, to_markdown(board), "leaderboard.md")
+
+
+def log_figures(run_id: str, figures: Mapping[str, Any], folder: str = "plots") -> None:
+    """Matplotlib figures as PNG artifacts."""
+    client = mlflow.MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, figure in figures.items():
+            path = Path(tmp) / f"{name}.png"
+            figure.savefig(path, dpi=100, bbox_inches="tight")
+            client.log_artifact(run_id, str(path), folder)
+
+
+def log_parent_metrics(run_id: str, metrics: Mapping[str, float]) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, run_id=run_id)
+
+
+def record_best(
+    run_id: str,
+    trial: int,
+    best_run_id: str | None,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+) -> None:
+    """The best trial's number, run, params (tags: they may change on resume) and metrics."""
+    tags = {
+        "best.trial": trial,
+        "best.run_id": best_run_id or "",
+        **{f"best.{k}": v for k, v in params.items()},
+    }
+    set_tags(run_id, tags)
+    log_parent_metrics(run_id, {"best_trial": trial, **metrics})
+
+
+def register_champion(run_id: str, name: str, alias: str = "champion") -> str | None:
+    """Register the run's full model under ``name`` and point ``alias`` at it.
+
+    Returns ``models:/NAME@ALIAS``, or None when the run holds no model.
+    """
+    client = mlflow.MlflowClient()
+    model_uri = client.get_run(run_id).data.tags.get(MODEL_URI_TAG)
+    if not model_uri:
+        return None
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        current = None
+    if current is None or current.run_id != run_id:
+        version = mlflow.register_model(model_uri, name)
+        client.set_registered_model_alias(name, alias, version.version)
+    return f"models:/{name}@{alias}"
+
+
+def run_record(run_id: str) -> dict[str, Any]:
+    """A run's params, metrics, tags, status and logged config (for reproduce and compare)."""
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(f"no MLflow run {run_id} in {redact(mlflow.get_tracking_uri())}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            config = Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text()
+        except Exception:
+            raise UserError(f"run {run_id} has no config.yaml artifact to rebuild from") from None
+    return {
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "tags": dict(run.data.tags),
+        "status": run.info.status,
+        "run_name": run.info.run_name,
+        "experiment": client.get_experiment(run.info.experiment_id).name,
+        "config_yaml": config,
+    }
+
+
 def _log_evaluation(
     client: mlflow.MlflowClient,
     run_id: str,
@@ -236,17 +422,6 @@ def _log_evaluation(
         client.log_artifact(run_id, str(path), "evaluation")
     client.log_text(run_id, evaluation.report_text, f"evaluation/{split}_classification_report.txt")
     client.log_dict(run_id, evaluation.report, f"evaluation/{split}_classification_report.json")
-
-
-@contextmanager
-def _active(run_id: str) -> Iterator[None]:
-    """Make ``run_id`` the active run for fluent-only APIs, restoring whatever was active."""
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run_id:
-        yield
-        return
-    with mlflow.start_run(run_id=run_id, nested=active is not None):
-        yield
 
 
 def _sqlite_path(uri: str) -> Path | None:

@@ -20,7 +20,14 @@ import pandas as pd
 
 from tlsweep.config import Config, TrainConfig
 from tlsweep.data import ImageData, Split, batches
-from tlsweep.model import compile_classifier, make_optimizer, parameter_counts, unfreeze_top
+from tlsweep.features import Features, feature_batches
+from tlsweep.model import (
+    compile_classifier,
+    head_of,
+    make_optimizer,
+    parameter_counts,
+    unfreeze_top,
+)
 
 
 @dataclass
@@ -95,16 +102,28 @@ def train(
     data: ImageData,
     model: keras.Model,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    features: Features | None = None,
 ) -> TrainResult:
-    """Fit the head (then fine-tune if configured), restore the best epoch, evaluate."""
-    keeper = KeepBestWeights(cfg.train.early_stopping.monitor)
-    shared = [LearningRateLogger(), keeper, *callbacks]
-    history = fit_stages(model, cfg, data, shared)
+    """Fit the head (then fine-tune if configured), restore the best epoch, evaluate.
+
+    With ``features`` (the frozen part's cached outputs) the head stage trains the head alone
+    on them; the classifier shares the head's weights, so it is trained all the same.
+    """
+    keeper = KeepBestWeights(cfg.train.early_stopping.monitor, model)
+    shared = [LearningRateLogger(), FailOnNaN(), keeper, *callbacks]
+    history = fit_stages(model, cfg, data, shared, features)
     keeper.restore()
-    evaluations = {
-        split: evaluate(model, getattr(data, split), data.class_names, cfg.train.batch_size)
-        for split in ("val", "test")
-    }
+    backbone_changed = "fine_tune" in set(history["stage"])
+    evaluations = {}
+    for split in ("val", "test"):
+        part: Split = getattr(data, split)
+        if features is not None and not backbone_changed:
+            probabilities = head_of(model).predict(
+                feature_batches(getattr(features, split), part.labels, 256), verbose=0
+            )
+        else:
+            probabilities = model.predict(batches(part, cfg.train.batch_size), verbose=0)
+        evaluations[split] = evaluate(probabilities, part.labels, data.class_names)
     return TrainResult(
         model=model,
         history=history,
@@ -120,15 +139,27 @@ def fit_stages(
     cfg: Config,
     data: ImageData,
     callbacks: Sequence[keras.callbacks.Callback],
+    features: Features | None = None,
 ) -> pd.DataFrame:
-    """Head stage, then the optional fine-tuning stage; one history across both."""
+    """Head stage, then the optional fine-tuning stage; one history across both.
+
+    A callback with a true ``stop_run`` attribute (e.g. a pruner) also skips the second stage.
+    """
     tc = cfg.train
     train_ds = batches(data.train, tc.batch_size, shuffle=True, seed=cfg.seed)
     val_ds = batches(data.val, tc.batch_size)
-    compile_classifier(model, make_optimizer(cfg.optimizer))
-    head = model.fit(
-        train_ds,
-        validation_data=val_ds,
+    if features is None:
+        trained, head_train, head_val = model, train_ds, val_ds
+    else:
+        trained = head_of(model)
+        head_train = feature_batches(
+            features.train, data.train.labels, tc.batch_size, shuffle=True, seed=cfg.seed
+        )
+        head_val = feature_batches(features.val, data.val.labels, tc.batch_size)
+    compile_classifier(trained, make_optimizer(cfg.optimizer))
+    head = trained.fit(
+        head_train,
+        validation_data=head_val,
         epochs=tc.epochs,
         verbose=0,
         shuffle=False,
@@ -136,7 +167,8 @@ def fit_stages(
     )
     frames = [_history_frame(head, stage="head")]
     done = len(head.epoch) and head.epoch[-1] + 1
-    if tc.fine_tune.epochs:
+    halted = any(getattr(callback, "stop_run", False) for callback in callbacks)
+    if tc.fine_tune.epochs and not halted:
         unfreeze_top(model, tc.fine_tune.unfreeze_layers)
         compile_classifier(model, make_optimizer(cfg.optimizer, tc.fine_tune.learning_rate))
         tuned = model.fit(
@@ -153,13 +185,12 @@ def fit_stages(
 
 
 def evaluate(
-    model: keras.Model, split: Split, class_names: Sequence[str], batch_size: int
+    probabilities: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
 ) -> Evaluation:
-    """Loss, accuracy, per-class report and confusion matrix (scikit-learn) on one split."""
+    """Loss, accuracy, per-class report and confusion matrix (scikit-learn) of predictions."""
     from sklearn.metrics import classification_report, confusion_matrix
 
-    probabilities = np.asarray(model.predict(batches(split, batch_size), verbose=0), "float64")
-    labels = split.labels
+    probabilities = np.asarray(probabilities, "float64")
     predicted = probabilities.argmax(axis=1)
     picked = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
     classes = list(range(len(class_names)))
@@ -183,12 +214,22 @@ class LearningRateLogger(keras.callbacks.Callback):
             )
 
 
-class KeepBestWeights(keras.callbacks.Callback):
-    """Remembers the best epoch's weights across several ``fit`` calls (both stages)."""
+class FailOnNaN(keras.callbacks.Callback):
+    """Turns a NaN or infinite loss into an error (a failed run), not a silent stop."""
 
-    def __init__(self, monitor: str) -> None:
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at epoch {epoch + 1}")
+
+
+class KeepBestWeights(keras.callbacks.Callback):
+    """Remembers the classifier's weights at the best epoch, across both stages' ``fit``."""
+
+    def __init__(self, monitor: str, target: keras.Model) -> None:
         super().__init__()
         self.monitor = monitor
+        self.target = target  # the whole classifier, whichever sub-model a stage fits
         self.minimize = "loss" in monitor
         self.best = float("inf") if self.minimize else float("-inf")
         self.best_epoch = -1
@@ -200,11 +241,11 @@ class KeepBestWeights(keras.callbacks.Callback):
             raise KeyError(f"monitor {self.monitor!r} is not among the logged metrics {logs}")
         if (value < self.best) if self.minimize else (value > self.best):
             self.best, self.best_epoch = float(value), epoch
-            self._weights = self.model.get_weights()
+            self._weights = self.target.get_weights()
 
     def restore(self) -> None:
         if self._weights is not None:
-            self.model.set_weights(self._weights)
+            self.target.set_weights(self._weights)
 
 
 def _early_stopping(tc: TrainConfig) -> keras.callbacks.EarlyStopping:

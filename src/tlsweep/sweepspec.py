@@ -1,0 +1,309 @@
+"""Sweep files: the base overrides a sweep starts from, its search space and its settings.
+
+A sweep file (``sweeps/NAME.yaml``)::
+
+    base:                    # Hydra overrides of conf/, applied to every trial
+      backbone: resnet50
+      backbone.weights: null
+    search_space:            # Hydra's sweep grammar, parsed by Hydra's own parser
+      head.dense_units: choice(64, 128, 256)
+      head.dropout: interval(0.0, 0.5)
+      optimizer.learning_rate: tag(log, interval(1e-4, 1e-2))
+    sweep:                   # study settings (SweepSettings)
+      n_trials: 10
+
+Command-line arguments refine it: ``sweep.KEY=VALUE`` sets a setting, ``KEY=choice(...)`` (any
+sweep expression) adds or replaces a dimension, and a plain ``KEY=VALUE`` is a base override
+that also fixes KEY if it was searched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tlsweep.config import CONFIG_GROUPS, compose
+from tlsweep.errors import UserError
+
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc")
+PRUNERS = ("median", "hyperband", "successive_halving", "none")
+EPOCH_METRICS = ("val_accuracy", "val_loss", "accuracy", "loss")
+DIRECTIONS = ("maximize", "minimize")
+
+Scalar = str | int | float | bool | None
+
+
+@dataclass
+class SweepSettings:
+    study_name: str = "sweep"
+    metric: str = "val_accuracy"
+    direction: str | None = None  # null: minimize losses, maximize the rest
+    sampler: str = "tpe"
+    seed: int | None = 0
+    pruner: str = "median"
+    pruner_options: dict[str, Any] = field(default_factory=dict)
+    n_trials: int = 10
+    timeout: float | None = None  # seconds for this invocation; null: no limit
+    storage: str | None = None  # null: sqlite:///mlruns/optuna.db
+
+    @property
+    def resolved_direction(self) -> str:
+        return self.direction or ("minimize" if "loss" in self.metric else "maximize")
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched key: categorical choices, or an int/float interval (optionally stepped, log)."""
+
+    key: str
+    kind: Literal["categorical", "int", "float"]
+    choices: tuple[Scalar, ...] = ()
+    low: float = 0.0
+    high: float = 0.0
+    step: float | None = None
+    log: bool = False
+
+    def grid_values(self) -> list[Scalar]:
+        """All values, for the grid sampler: choices, or the points of a stepped range."""
+        if self.kind == "categorical":
+            return list(self.choices)
+        if self.step is None:
+            raise UserError(
+                f"search space {self.key}: the grid sampler needs choice(...) or range(...), "
+                "not an interval"
+            )
+        count = round((self.high - self.low) / self.step) + 1
+        values = [self.low + i * self.step for i in range(count)]
+        return [int(v) for v in values] if self.kind == "int" else [_tidy(v) for v in values]
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A parsed sweep: what every trial starts from, what it searches, how the study runs."""
+
+    name: str
+    base: tuple[str, ...]
+    space: tuple[Dimension, ...]
+    settings: SweepSettings
+
+    def trial_overrides(self, params: Mapping[str, Scalar]) -> list[str]:
+        """The Hydra overrides of one trial: the base, then the sampled values."""
+        return [*self.base, *(to_override(key, value) for key, value in params.items())]
+
+
+def sweeps_dir() -> Path:
+    """``$TLSWEEP_SWEEPS_DIR``, the checkout's ``sweeps/``, or the packaged copy."""
+    import os
+
+    if env := os.environ.get("TLSWEEP_SWEEPS_DIR"):
+        return Path(env).expanduser().resolve()
+    checkout = Path(__file__).resolve().parents[2] / "sweeps"
+    if checkout.is_dir():
+        return checkout
+    return Path(str(resources.files("tlsweep") / "_sweeps"))
+
+
+def available_sweeps() -> list[str]:
+    return sorted(p.stem for p in sweeps_dir().glob("*.yaml"))
+
+
+def load_sweep(name: str, cli_overrides: Sequence[str] = ()) -> SweepSpec:
+    """Read ``sweeps/NAME.yaml`` (or a path), apply command-line overrides, validate."""
+    path = _sweep_path(name)
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    unknown = set(document) - {"base", "search_space", "sweep"}
+    if unknown:
+        raise UserError(
+            f"{path}: unknown sections {sorted(unknown)}; allowed: base, search_space, sweep"
+        )
+    base = [to_override(k, v) for k, v in (document.get("base") or {}).items()]
+    space = {
+        key: parse_dimension(key, _expression(value))
+        for key, value in (document.get("search_space") or {}).items()
+    }
+    settings = dict(document.get("sweep") or {})
+    settings.setdefault("study_name", path.stem)
+    _apply_cli(cli_overrides, base, space, settings)
+    spec = SweepSpec(path.stem, tuple(base), tuple(space.values()), _settings(settings))
+    validate_sweep(spec)
+    return spec
+
+
+def parse_dimension(key: str, expression: str) -> Dimension:
+    """``choice(...)``, ``range(a, b, step=s)``, ``interval(a, b)``, ``int(interval(...))`` and
+    ``tag(log, ...)``, parsed by Hydra's override parser."""
+    override = _parse_override(f"{key}={expression}")
+    if not override.is_sweep_override():
+        raise UserError(
+            f"search space {key}: '{expression}' is a fixed value; use choice(...), range(...) "
+            "or interval(...), or move it to base"
+        )
+    value = override.value()
+    log = "log" in getattr(value, "tags", set())
+    if override.is_choice_sweep():
+        return Dimension(key, "categorical", choices=tuple(override.sweep_iterator()))
+    if override.is_range_sweep():
+        points = [_tidy(v) for v in override.sweep_iterator()]
+        if not points:
+            raise UserError(f"search space {key}: '{expression}' is empty")
+        kind = "int" if all(isinstance(p, int) for p in points) else "float"
+        step = value.step
+        return Dimension(key, kind, low=points[0], high=points[-1], step=step, log=log)
+    start, end = value.start, value.end
+    if start is None or end is None or not start < end:
+        raise UserError(f"search space {key}: '{expression}' needs start < end")
+    kind = "int" if isinstance(start, int) and isinstance(end, int) else "float"
+    if log and start <= 0:
+        raise UserError(f"search space {key}: a log interval needs start > 0, got {start}")
+    return Dimension(key, kind, low=start, high=end, log=log)
+
+
+def validate_sweep(spec: SweepSpec) -> None:
+    """Refuse bad settings and search spaces before a study or run is touched."""
+    s = spec.settings
+    if not spec.space:
+        raise UserError(f"sweep {spec.name}: the search space is empty; add search_space entries")
+    _choice("sweep.sampler", s.sampler, SAMPLERS)
+    _choice("sweep.pruner", s.pruner, PRUNERS)
+    if s.direction is not None:
+        _choice("sweep.direction", s.direction, DIRECTIONS)
+    if s.metric not in EPOCH_METRICS:
+        raise UserError(
+            f"sweep.metric={s.metric} is not logged by any trial's epochs; "
+            f"choose from {', '.join(EPOCH_METRICS)}"
+        )
+    if s.n_trials < 1:
+        raise UserError(f"sweep.n_trials={s.n_trials} is not allowed: must be >= 1")
+    if s.timeout is not None and s.timeout <= 0:
+        raise UserError(f"sweep.timeout={s.timeout} is not allowed: seconds > 0, or null")
+    if s.sampler == "grid":
+        for dim in spec.space:
+            dim.grid_values()
+    _check_keys(spec)
+
+
+def to_override(key: str, value: Any) -> str:
+    """``key=value`` in Hydra's override syntax (YAML values, quoted where needed)."""
+    return f"{key}={_format(value)}"
+
+
+def with_settings(spec: SweepSpec, **changes: Any) -> SweepSpec:
+    return replace(spec, settings=replace(spec.settings, **changes))
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _sweep_path(name: str) -> Path:
+    candidate = Path(name).expanduser()
+    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        return candidate
+    path = sweeps_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown sweep '{name}'; available: {', '.join(available_sweeps())}")
+    return path
+
+
+def _expression(value: Any) -> str:
+    if isinstance(value, list):  # YAML list shorthand for choice(...)
+        return f"choice({', '.join(_format(v) for v in value)})"
+    return str(value)
+
+
+def _apply_cli(
+    overrides: Sequence[str],
+    base: list[str],
+    space: dict[str, Dimension],
+    settings: dict[str, Any],
+) -> None:
+    for text in overrides:
+        override = _parse_override(text)
+        key = override.key_or_group
+        if key.startswith("sweep."):
+            settings[key.removeprefix("sweep.")] = yaml.safe_load(
+                override.get_value_element_as_str()
+            )
+        elif override.is_sweep_override():
+            space[key] = parse_dimension(key, text.split("=", 1)[1])
+        else:
+            space.pop(key, None)
+            base.append(text)
+
+
+def _settings(values: Mapping[str, Any]) -> SweepSettings:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SweepSettings), dict(values))
+        settings = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "") or ""
+        first = str(exc).splitlines()[0]
+        raise UserError(f"bad sweep setting {('sweep.' + key) if key else ''}: {first}") from None
+    assert isinstance(settings, SweepSettings)
+    return settings
+
+
+def _check_keys(spec: SweepSpec) -> None:
+    """Every searched key must exist in the composed base config (or be a config group)."""
+    base = compose(spec.base)
+    for dim in spec.space:
+        if dim.key in CONFIG_GROUPS:
+            from tlsweep.config import group_choices
+
+            bad = [c for c in dim.choices if c not in group_choices(dim.key)]
+            if bad:
+                raise UserError(
+                    f"search space {dim.key}: unknown choices {bad}; "
+                    f"choose from {', '.join(group_choices(dim.key))}"
+                )
+        elif OmegaConf.select(base, dim.key, default="<missing>") == "<missing>":
+            raise UserError(f"search space key {dim.key} is not in the config")
+
+
+def _parse_override(text: str) -> Any:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_overrides([text])[0]
+    except HydraException as exc:
+        detail = str(exc).splitlines()
+        reason = detail[1] if len(detail) > 1 else detail[0]
+        raise UserError(f"malformed expression '{text}': {reason}") from None
+
+
+def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise UserError(f"{key}={value} is not allowed: choose from {', '.join(allowed)}")
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(_tidy(value))
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_format(v) for v in value) + "]"
+    text = str(value)
+    if text and all(c.isalnum() or c in "_-./~:" for c in text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _tidy(value: Any) -> Any:
+    """Round away float noise from stepped ranges (0.30000000000000004 -> 0.3)."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.12g}")
+    return value
