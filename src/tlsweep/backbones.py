@@ -7,9 +7,13 @@ known transforms a backbone's own ``preprocess_input`` performs by calling it on
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import keras
@@ -46,16 +50,25 @@ def preprocess_mode(cfg: BackboneConfig) -> str:
     probe = np.random.default_rng(0).uniform(0, 255, (1, 2, 2, 3)).astype("float32")
     expected = np.asarray(own_preprocess_input(cfg.architecture)(probe.copy()))
     for mode in ("caffe", "tf", "torch", "none"):
-        # Layer by layer: an eagerly called Sequential with no layers ("none") raises.
-        output = probe
-        for layer in preprocessing_layers(mode):
-            output = layer(output)
-        if np.allclose(np.asarray(output), expected, atol=1e-4):
+        if np.allclose(_probe(mode, probe), expected, atol=1e-4):
             return mode
     raise UserError(
         f"cannot express {cfg.architecture}'s preprocess_input with built-in layers; "
         "set backbone.preprocess to caffe, tf, torch or none"
     )
+
+
+def _probe(mode: str, probe: np.ndarray) -> np.ndarray:
+    """``mode``'s layers applied to ``probe`` in float32, whatever the global dtype policy."""
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")  # float16 would miss the 1e-4 match
+    try:
+        output = probe
+        for layer in preprocessing_layers(mode):  # one by one: an empty Sequential can't be called
+            output = layer(output)
+        return np.asarray(output)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
 
 
 def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
@@ -106,7 +119,101 @@ def build_backbone(cfg: BackboneConfig) -> keras.Model:
             ) from None
         raise UserError(f"cannot build {cfg.architecture}: {_short(exc)}") from None
     base.trainable = False
+    disable_stochastic_layers(base)
     return base
+
+
+STOCHASTIC_LAYERS = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+)
+
+
+def disable_stochastic_layers(model: keras.Model) -> int:
+    """Zero the rate of every dropout layer inside ``model``; returns how many were changed.
+
+    The transfer-learning recipe calls the base with ``training=False`` so that it always runs
+    in inference mode. Keras 3 passes the outer call's ``training`` flag into nested models
+    instead, so a backbone's own dropout (EfficientNet's drop-connect) would be active while
+    the head trains. A zero rate is inference behaviour whatever the flag; frozen BatchNorm
+    layers already run in inference mode.
+    """
+    changed = 0
+    for layer in _all_layers(model):
+        if isinstance(layer, STOCHASTIC_LAYERS) and layer.rate:
+            layer.rate = 0.0
+            changed += 1
+        elif isinstance(layer, keras.layers.GaussianNoise) and layer.stddev:
+            layer.stddev = 0.0
+            changed += 1
+    return changed
+
+
+def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    found = []
+    for layer in model.layers:
+        found.append(layer)
+        if isinstance(layer, keras.Model):
+            found += _all_layers(layer)
+    return found
+
+
+class BackboneCache:
+    """Backbones already built in this process, reused by later trials of a sweep.
+
+    Building ResNet50 costs seconds; a trial that reuses it gets the backbone with its initial
+    weights restored (a fine-tuning trial may have changed them) and frozen again. The key is
+    everything the construction depends on: the config, the seed (random weights), a weights
+    file's size and modification time, and the precision policy.
+    """
+
+    def __init__(self, capacity: int = 2) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, tuple[keras.Model, list[np.ndarray], str]] = OrderedDict()
+
+    def get(self, cfg: BackboneConfig, seed: int) -> tuple[keras.Model, str]:
+        """The frozen backbone for ``cfg`` and the content hash of its weights."""
+        key = self._key(cfg, seed)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            backbone, weights, digest = self._entries[key]
+            backbone.set_weights(weights)
+            backbone.trainable = False
+            return backbone, digest
+        backbone = build_backbone(cfg)
+        digest = weights_digest(backbone)
+        if self.capacity > 0:
+            self._entries[key] = (backbone, backbone.get_weights(), digest)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return backbone, digest
+
+    @staticmethod
+    def _key(cfg: BackboneConfig, seed: int) -> str:
+        weights = cfg.weights
+        if weights not in (None, "imagenet"):
+            stat = Path(weights).expanduser().stat()
+            weights = f"{weights}:{stat.st_size}:{stat.st_mtime_ns}"
+        policy = keras.mixed_precision.global_policy().name
+        return json.dumps(
+            [asdict(cfg), weights, seed if cfg.weights is None else None, policy],
+            sort_keys=True,
+            default=str,
+        )
+
+
+def weights_digest(model: keras.Model) -> str:
+    """Content hash of a model's weights, in order."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+        digest.update(str(value.shape).encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def _weights_argument(weights: str | None) -> str | None:

@@ -114,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
 
+    cache = _command(commands, "cache", cmd_cache, "list or clear the feature cache")
+    cache.add_argument("action", choices=["ls", "clear"])
+    cache.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. cache.dir=/data/features",
+    )
+
     predict = _command(commands, "predict", cmd_predict, "classify images with a logged model")
     predict.add_argument(
         "model_uri",
@@ -139,6 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.cfg:
         print(to_yaml(cfg), end="")
         return 0
+    _import_tensorflow_quietly()
     from tlsweep.experiment import run
     from tlsweep.progress import EpochPrinter
     from tlsweep.tracking import tracking_uri
@@ -155,14 +165,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from tlsweep.sweep import run_sweep
     from tlsweep.sweepspec import load_sweep
 
-    summary = run_sweep(load_sweep(args.name, args.overrides))
+    spec = load_sweep(args.name, args.overrides)  # bad input is refused before TF loads
+    _import_tensorflow_quietly()
+    from tlsweep.sweep import run_sweep
+
+    summary = run_sweep(spec)
     return 0 if summary.best_value is not None else 1
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    _import_tensorflow_quietly()
     from tlsweep import report, sweep, tracking
 
     tracking.connect()
@@ -180,6 +194,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    _import_tensorflow_quietly()
     from tlsweep.reproduce import reproduce
 
     run_id = args.run_id
@@ -201,6 +216,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    _import_tensorflow_quietly()
     import subprocess
 
     from tlsweep import tracking
@@ -227,6 +243,33 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(command)
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from tlsweep.config import load_config
+
+    cfg = load_config(args.overrides)
+    _import_tensorflow_quietly()
+    from tlsweep.features import FeatureStore
+
+    store = FeatureStore.from_config(cfg.cache)
+    if args.action == "clear":
+        print(f"removed {store.clear()} entries from {store.directory}")
+        return 0
+    entries = store.entries() if store.directory.is_dir() else []
+    total = sum(e.bytes for e in entries)
+    print(
+        f"{store.directory}: {len(entries)} entries, {total / 1e6:.1f} MB "
+        f"(budget {store.max_bytes / 1e9:g} GB)"
+    )
+    for e in entries:
+        d = e.description
+        print(
+            f"  {e.key[:12]}  {e.bytes / 1e6:8.1f} MB  {d.get('backbone', '?'):<16} "
+            f"{d.get('input_size', '?')}px {d.get('pooling', '?'):<7} {d.get('split', '?'):<5} "
+            f"n={d.get('n', '?')}"
+        )
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -235,6 +278,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise UserError(f"--top-k={args.top_k} is not allowed: must be >= 1")
+    _import_tensorflow_quietly()
+    import keras
+
+    keras.utils.disable_interactive_logging()  # no progress bar inside pyfunc's predict
     model = load_model(args.model_uri)
     size = model.metadata.get_input_schema().inputs[0].shape[1]
     names = (model.metadata.metadata or {}).get("class_names")
@@ -244,6 +291,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
         shown = "  ".join(f"{names[i] if names else i} {row[i]:.3f}" for i in top)
         print(f"{path}: {shown}")
     return 0
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with file descriptor 2 closed: its C++ start-up lines (CUDA probing,
+    absl) bypass TF_CPP_MIN_LOG_LEVEL and would break one-line error messages."""
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:  # another Keras backend without TensorFlow
+        pass
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def _command(

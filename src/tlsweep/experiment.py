@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import keras
 
 from tlsweep import tracking
+from tlsweep.backbones import BackboneCache
 from tlsweep.config import Config, DataConfig
 from tlsweep.data import ImageData, load_data
 from tlsweep.features import cached_features
@@ -31,6 +32,7 @@ class Prepared:
     data: ImageData
     model: keras.Model
     device: str
+    backbone_digest: str  # content hash of the backbone's weights (part of the cache key)
 
 
 @dataclass(frozen=True)
@@ -40,15 +42,20 @@ class RunResult:
     train_result: TrainResult
 
 
-def prepare(cfg: Config, load: DataLoader = load_data) -> Prepared:
+def prepare(
+    cfg: Config, load: DataLoader = load_data, backbones: BackboneCache | None = None
+) -> Prepared:
     """Fresh Keras state, seeds, devices, data and the model: the same sequence every time, so
-    that a run repeats exactly."""
+    that a run repeats exactly, whether its backbone is built anew or reused from ``backbones``
+    (the seed is set again before the rest of the model is built)."""
     keras.backend.clear_session()
     seed_everything(cfg.seed, cfg.train.deterministic)
     device = configure_devices(cfg.train.mixed_precision)
     data = load(cfg.data, cfg.backbone.input_size)
-    model = build_classifier(cfg.backbone, cfg.head, data.num_classes)
-    return Prepared(data=data, model=model, device=device)
+    backbone, digest = (backbones or BackboneCache(capacity=0)).get(cfg.backbone, cfg.seed)
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    model = build_classifier(cfg.backbone, cfg.head, data.num_classes, backbone=backbone)
+    return Prepared(data=data, model=model, device=device, backbone_digest=digest)
 
 
 def execute(
@@ -63,7 +70,11 @@ def execute(
     ``log_model``: None follows ``tracking.log_model``; a callable decides from the result.
     """
     data, model = prepared.data, prepared.model
-    features = cached_features(cfg, model, data) if cfg.cache.enabled else None
+    features = (
+        cached_features(cfg, model, data, weights_sha256=prepared.backbone_digest)
+        if cfg.cache.enabled
+        else None
+    )
     tracking.set_tags(run_id, {"device": prepared.device})
     tracking.log_inputs(
         run_id,

@@ -30,7 +30,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from tlsweep.backbones import preprocess_mode
+from tlsweep.backbones import preprocess_mode, weights_digest
 from tlsweep.config import CacheConfig, Config
 from tlsweep.data import ImageData, Split, batches
 from tlsweep.model import backbone_of, feature_extractor
@@ -104,7 +104,7 @@ class FeatureStore:
     def entries(self) -> list[Entry]:
         """Every complete entry, most recently used first."""
         found = []
-        for meta_path in self.directory.glob("*.json"):
+        for meta_path in self._stored("json"):
             with contextlib.suppress(OSError, ValueError, KeyError):
                 meta = json.loads(meta_path.read_text())
                 found.append(
@@ -138,9 +138,7 @@ class FeatureStore:
 
     def clear(self) -> int:
         """Remove every entry; returns how many there were."""
-        keys = {p.stem for p in self.directory.glob("*.npy")} | {
-            p.stem for p in self.directory.glob("*.json")
-        }
+        keys = {p.stem for p in self._stored("npy")} | {p.stem for p in self._stored("json")}
         for key in keys:
             self.remove(key)
         for stray in self.directory.glob(".tmp-*"):
@@ -169,6 +167,10 @@ class FeatureStore:
             json.dump(meta, tmp)
         Path(tmp.name).replace(meta_path)
 
+    def _stored(self, suffix: str) -> list[Path]:
+        """Entry files with ``suffix``; half-written ``.tmp-*`` files are no entries."""
+        return [p for p in self.directory.glob(f"*.{suffix}") if not p.name.startswith(".tmp-")]
+
     def _paths(self, key: str) -> tuple[Path, Path]:
         return self.directory / f"{key}.json", self.directory / f"{key}.npy"
 
@@ -183,12 +185,19 @@ class FeatureStore:
 
 
 def cached_features(
-    cfg: Config, model: keras.Model, data: ImageData, store: FeatureStore | None = None
+    cfg: Config,
+    model: keras.Model,
+    data: ImageData,
+    store: FeatureStore | None = None,
+    weights_sha256: str | None = None,
 ) -> Features:
-    """Pooled features of every split, from the store or computed once and stored."""
+    """Pooled features of every split, from the store or computed once and stored.
+
+    ``weights_sha256``: the backbone's weight hash, when the caller knows it already.
+    """
     store = store or FeatureStore.from_config(cfg.cache)
     extractor = feature_extractor(model)
-    identity = extractor_identity(cfg, model, store.dtype)
+    identity = extractor_identity(cfg, model, store.dtype, weights_sha256)
     arrays, hits = {}, []
     for split in SPLITS:
         part: Split = getattr(data, split)
@@ -204,13 +213,15 @@ def cached_features(
     return Features(**arrays, status="hit" if all(hits) else "miss")
 
 
-def extractor_identity(cfg: Config, model: keras.Model, dtype: np.dtype) -> dict[str, Any]:
+def extractor_identity(
+    cfg: Config, model: keras.Model, dtype: np.dtype, weights_sha256: str | None = None
+) -> dict[str, Any]:
     """Everything about the frozen part that changes its output (the data comes separately)."""
     bb = cfg.backbone
     return {
         "architecture": bb.architecture,
         "options": bb.options,
-        "weights_sha256": weights_digest(backbone_of(model)),
+        "weights_sha256": weights_sha256 or weights_digest(backbone_of(model)),
         "input_size": bb.input_size,
         "preprocess": preprocess_mode(bb),
         "pooling": cfg.head.pooling,
@@ -219,16 +230,6 @@ def extractor_identity(cfg: Config, model: keras.Model, dtype: np.dtype) -> dict
         "keras": keras.__version__,
         "backend": keras.backend.backend(),
     }
-
-
-def weights_digest(model: keras.Model) -> str:
-    """Content hash of a model's weights, in order."""
-    digest = hashlib.sha256()
-    for weight in model.weights:
-        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
-        digest.update(str(value.shape).encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()
 
 
 def compute_features(extractor: keras.Model, split: Split, name: str = "") -> np.ndarray:

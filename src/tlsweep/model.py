@@ -1,8 +1,9 @@
 """The classifier: raw pixels -> preprocessing -> frozen backbone -> pooling -> head.
 
 Named parts, so that later stages can take them apart: ``preprocess`` (built-in layers doing
-the backbone's own ``preprocess_input``), the backbone (always called with ``training=False``,
-so BatchNorm stays in inference mode even when unfrozen), ``pool`` (avg, max or flatten) and
+the backbone's own ``preprocess_input``), the backbone (called with ``training=False``; as
+Keras 3 overrides that flag inside ``fit``, its dropout is zeroed and its BatchNorm layers stay
+frozen, so it runs in inference mode in every stage), ``pool`` (avg, max or flatten) and
 ``head`` (Dense + ReLU, Dropout, softmax: a model of its own on the pooled vector). Everything
 up to ``pool`` is the feature extractor whose output the feature cache stores.
 """
@@ -26,16 +27,19 @@ POOLING_LAYERS = {
 
 
 def build_classifier(
-    backbone_cfg: BackboneConfig, head_cfg: HeadConfig, num_classes: int
+    backbone_cfg: BackboneConfig,
+    head_cfg: HeadConfig,
+    num_classes: int,
+    backbone: keras.Model | None = None,
 ) -> keras.Model:
-    """The full raw-image model, with the backbone frozen."""
+    """The full raw-image model, with the backbone frozen (built here unless given)."""
     size = backbone_cfg.input_size
     inputs = keras.Input((size, size, 3), name="image")
     preprocess = keras.Sequential(
         [keras.Input((size, size, 3)), *preprocessing_layers(preprocess_mode(backbone_cfg))],
         name="preprocess",
     )
-    backbone = build_backbone(backbone_cfg)
+    backbone = backbone if backbone is not None else build_backbone(backbone_cfg)
     feature_map = backbone(preprocess(inputs), training=False)
     pooled = POOLING_LAYERS[head_cfg.pooling](name=POOL_LAYER)(feature_map)
     head = build_head(pooled.shape[1:], head_cfg, num_classes)
@@ -100,9 +104,20 @@ def make_optimizer(cfg: OptimizerConfig, learning_rate: float | None = None) -> 
     return keras.optimizers.Adam(lr)
 
 
-def compile_classifier(model: keras.Model, optimizer: keras.Optimizer) -> None:
-    """Sparse categorical cross-entropy and accuracy, on integer labels."""
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+def compile_classifier(
+    model: keras.Model, optimizer: keras.Optimizer, steps_per_execution: int = 1
+) -> None:
+    """Sparse categorical cross-entropy and accuracy, on integer labels.
+
+    ``steps_per_execution`` > 1 runs several steps per call: the same updates with less
+    per-step overhead, which dominates when a small head trains on in-memory features.
+    """
+    model.compile(
+        optimizer=optimizer,
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+    )
 
 
 def parameter_counts(model: keras.Model) -> dict[str, int]:

@@ -21,6 +21,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from tlsweep import report, tracking
+from tlsweep.backbones import BackboneCache
 from tlsweep.config import Config, DataConfig, load_config, to_yaml
 from tlsweep.data import ImageData, load_data
 from tlsweep.errors import UserError
@@ -32,9 +33,10 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUN_ID_ATTR = "mlflow_run_id"
 FAIL_REASON_ATTR = "fail_reason"
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+ENDED_STATES = (*FINISHED_STATES, TrialState.FAIL)
 DEFAULT_STORAGE = Path("mlruns") / "optuna.db"
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+optuna.logging.set_verbosity(optuna.logging.ERROR)  # trial outcomes are printed by progress
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,9 @@ def storage_url(settings: SweepSettings) -> str:
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url``; unreachable or malformed URLs raise `UserError`."""
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.RDBStorage(url, heartbeat_interval=None)
     except Exception as exc:
         reason = " ".join(str(exc).split())[:200]
@@ -115,7 +117,7 @@ def make_sampler(
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
-        return optuna.samplers.GridSampler({d.key: d.grid_values() for d in space}, seed=seed)
+        return _ResumableGridSampler({d.key: d.grid_values() for d in space}, seed=seed)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if name == "qmc":
@@ -127,6 +129,25 @@ def make_sampler(
             raise UserError("sweep.sampler=gp needs PyTorch: pip install torch") from None
         return optuna.samplers.GPSampler(seed=seed)
     raise UserError(f"sweep.sampler={name} is not allowed")
+
+
+class _ResumableGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, except that a grid point whose trial FAILED (an error, Ctrl-C) is
+    still to do: resuming the sweep runs it again instead of leaving a hole in the grid (and
+    stopping the study one trial short of ``n_trials``)."""
+
+    def _get_unvisited_grid_ids(self, study: optuna.Study) -> list[int]:
+        done, running = set(), set()
+        for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
+            attrs = t.system_attrs
+            if "grid_id" not in attrs or not self._same_search_space(attrs["search_space"]):
+                continue
+            if t.state in FINISHED_STATES:
+                done.add(attrs["grid_id"])
+            elif t.state == TrialState.RUNNING:
+                running.add(attrs["grid_id"])
+        every = set(range(self._n_min_trials))
+        return sorted(every - done - running) or sorted(every - done)
 
 
 def make_pruner(settings: SweepSettings) -> optuna.pruners.BasePruner:
@@ -167,6 +188,7 @@ def run_sweep(spec: SweepSpec, progress: SweepProgress | None = None) -> SweepSu
     """Run (or resume) the study to ``n_trials`` finished trials, then summarise it."""
     s = spec.settings
     base_cfg = load_config([*spec.base, f"train.early_stopping.monitor={s.metric}"])
+    make_sampler(s, spec.space), make_pruner(s)  # refuse bad settings before touching storage
     storage = open_storage(storage_url(s))
     study = open_study(spec, storage)
     tracking.connect(base_cfg.tracking)
@@ -180,22 +202,42 @@ def run_sweep(spec: SweepSpec, progress: SweepProgress | None = None) -> SweepSu
         s.n_trials, s.metric, maximize=s.resolved_direction == "maximize"
     )
     with tracking.guard_run(parent, end=False):
-        remaining = s.n_trials - _count(study, FINISHED_STATES)
-        progress.started(s.study_name, done=s.n_trials - max(remaining, 0))
-        if remaining > 0:
-            objective = _Objective(spec, parent, progress)
-            study.optimize(
-                objective,
-                n_trials=remaining,
-                timeout=s.timeout,
-                catch=(Exception,),
-                callbacks=[optuna.study.MaxTrialsCallback(s.n_trials, states=FINISHED_STATES)],
-                gc_after_trial=True,
-            )
+        done = _count(study, FINISHED_STATES)
+        progress.started(s.study_name, done=min(done, s.n_trials))
+        _optimize_until_done(study, _Objective(spec, parent, progress), s)
         summary = summarize(study, spec, parent)
     tracking.finish_run(parent)
     progress.finished(summary.leaderboard, summary.best_value, summary.champion_uri)
     return summary
+
+
+def _optimize_until_done(study: optuna.Study, objective: _Objective, s: SweepSettings) -> None:
+    """Run trials until ``n_trials`` have finished (complete or pruned).
+
+    Failed trials do not count, so they are replaced, up to ``max(3, n_trials)`` failures in
+    one invocation; the loop also ends at the timeout, or when a round runs no trial at all
+    (a grid sampler with every point done stops the study at once).
+    """
+    deadline = None if s.timeout is None else time.monotonic() + s.timeout
+    max_failures = max(3, s.n_trials)
+    failures = 0
+    while (remaining := s.n_trials - _count(study, FINISHED_STATES)) > 0:
+        left = None if deadline is None else deadline - time.monotonic()
+        if failures >= max_failures or (left is not None and left <= 0):
+            return
+        ended_before = _count(study, ENDED_STATES)
+        failed_before = _count(study, (TrialState.FAIL,))
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            timeout=left,
+            catch=(Exception,),
+            callbacks=[optuna.study.MaxTrialsCallback(s.n_trials, states=FINISHED_STATES)],
+            gc_after_trial=True,
+        )
+        if _count(study, ENDED_STATES) == ended_before:
+            return
+        failures += _count(study, (TrialState.FAIL,)) - failed_before
 
 
 class _Objective:
@@ -206,6 +248,7 @@ class _Objective:
         self.parent_run_id = parent_run_id
         self.progress = progress
         self.data = _DataMemo()
+        self.backbones = BackboneCache()
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = {dim.key: suggest(trial, dim) for dim in self.spec.space}
@@ -228,7 +271,7 @@ class _Objective:
                 cfg = load_config(
                     [*self.spec.trial_overrides(params), f"train.early_stopping.monitor={s.metric}"]
                 )
-                prepared = prepare(cfg, load=self.data.load)
+                prepared = prepare(cfg, load=self.data.load, backbones=self.backbones)
                 callbacks = [reporter, self.progress.epoch_callback(trial.number, cfg)]
                 execute(
                     run_id,
@@ -241,8 +284,9 @@ class _Objective:
                 )
                 state = "PRUNED" if reporter.stop_run else "COMPLETE"
                 tracking.set_tags(run_id, {"tlsweep.trial_state": state})
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+        except BaseException as exc:  # Ctrl-C too: Optuna records it as FAIL, so must we
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            reason = "interrupted (Ctrl-C)" if interrupted else f"{type(exc).__name__}: {exc}"
             trial.set_user_attr(FAIL_REASON_ATTR, reason[:2000])
             if run_id:
                 tracking.set_tags(run_id, {"tlsweep.trial_state": "FAIL"})
@@ -312,7 +356,14 @@ def summarize(study: optuna.Study, spec: SweepSpec, parent_run_id: str) -> Sweep
     s = spec.settings
     board = leaderboard(study, parent_run_id)
     tracking.log_leaderboard(parent_run_id, board, s.metric)
-    tracking.log_figures(parent_run_id, optuna_figures(study))
+    figures = optuna_figures(study)
+    try:
+        tracking.log_figures(parent_run_id, figures)
+    finally:  # pyplot keeps every figure open until closed: one leak per summary otherwise
+        import matplotlib.pyplot as plt
+
+        for figure in figures.values():
+            plt.close(figure)
     counts = {
         state.name.lower(): _count(study, (state,))
         for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -368,6 +419,8 @@ def optuna_figures(study: optuna.Study) -> dict[str, Any]:
         "intermediate_values": ovm.plot_intermediate_values,
     }
     figures = {}
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no completed trials yet" and such
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, plot in plots.items():
@@ -377,6 +430,7 @@ def optuna_figures(study: optuna.Study) -> dict[str, Any]:
                 continue
             first = axes.flat[0] if hasattr(axes, "flat") else axes
             figures[name] = first.figure
+    optuna.logging.set_verbosity(verbosity)
     return figures
 
 

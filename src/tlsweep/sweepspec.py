@@ -231,9 +231,7 @@ def _apply_cli(
         override = _parse_override(text)
         key = override.key_or_group
         if key.startswith("sweep."):
-            settings[key.removeprefix("sweep.")] = yaml.safe_load(
-                override.get_value_element_as_str()
-            )
+            settings[key.removeprefix("sweep.")] = override.value()
         elif override.is_sweep_override():
             space[key] = parse_dimension(key, text.split("=", 1)[1])
         else:
@@ -277,8 +275,9 @@ def _parse_override(text: str) -> Any:
     try:
         return OverridesParser.create().parse_overrides([text])[0]
     except HydraException as exc:
-        detail = str(exc).splitlines()
-        reason = detail[1] if len(detail) > 1 else detail[0]
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        useful = [line for line in lines if not line.startswith(("See https", "Error parsing"))]
+        reason = (useful or lines or [type(exc).__name__])[0]
         raise UserError(f"malformed expression '{text}': {reason}") from None
 
 

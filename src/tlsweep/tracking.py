@@ -28,6 +28,7 @@ from tlsweep.errors import UserError
 from tlsweep.train import Evaluation, TrainResult
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import mlflow
 from mlflow.models import ModelSignature
@@ -177,9 +178,9 @@ def log_inputs(
             "keras.backend": keras.backend.backend(),
         }
     )
-    mlflow.log_params({k: _param_value(v) for k, v in params.items()}, run_id=run_id)
+    mlflow.log_params({k: redact(_param_value(v)) for k, v in params.items()}, run_id=run_id)
     client = mlflow.MlflowClient()
-    client.log_text(run_id, to_yaml(cfg), "config.yaml")
+    client.log_text(run_id, redact(to_yaml(cfg)), "config.yaml")
     client.log_dict(
         run_id,
         {"class_names": list(data.class_names), "split_fingerprints": data.split_fingerprints},
@@ -196,11 +197,12 @@ def log_result(
     final.update(best_epoch=result.best_epoch, epochs_run=len(result.history))
     mlflow.log_metrics(final, run_id=run_id)
     with tempfile.TemporaryDirectory() as tmp:
-        history_csv = Path(tmp) / "history.csv"
-        result.history.to_csv(history_csv, index=False)
-        client.log_artifact(run_id, str(history_csv))
+        folder = Path(tmp)
+        result.history.to_csv(folder / "history.csv", index=False)
+        (folder / "evaluation").mkdir()
         for split, evaluation in result.evaluations.items():
-            _log_evaluation(client, run_id, split, evaluation, data.class_names, Path(tmp))
+            _write_evaluation(folder / "evaluation", split, evaluation, data.class_names)
+        client.log_artifacts(run_id, tmp)  # one upload for all of them
     if log_model:
         log_keras_model(run_id, result.model, data.class_names)
 
@@ -400,28 +402,20 @@ def run_record(run_id: str) -> dict[str, Any]:
     }
 
 
-def _log_evaluation(
-    client: mlflow.MlflowClient,
-    run_id: str,
-    split: str,
-    evaluation: Evaluation,
-    class_names: tuple[str, ...],
-    tmp: Path,
+def _write_evaluation(
+    folder: Path, split: str, evaluation: Evaluation, class_names: tuple[str, ...]
 ) -> None:
-    import pandas as pd
-
+    """Confusion matrix (CSV with class names; PNG for the test split) and the report."""
     from tlsweep.plots import confusion_matrix_figure
 
     table = pd.DataFrame(evaluation.confusion, index=list(class_names), columns=list(class_names))
     table.index.name = "true \\ predicted"
-    csv = tmp / f"{split}_confusion_matrix.csv"
-    table.to_csv(csv)
-    png = tmp / f"{split}_confusion_matrix.png"
-    confusion_matrix_figure(evaluation.confusion, class_names, f"{split} set").savefig(png, dpi=100)
-    for path in (csv, png):
-        client.log_artifact(run_id, str(path), "evaluation")
-    client.log_text(run_id, evaluation.report_text, f"evaluation/{split}_classification_report.txt")
-    client.log_dict(run_id, evaluation.report, f"evaluation/{split}_classification_report.json")
+    table.to_csv(folder / f"{split}_confusion_matrix.csv")
+    if split == "test":
+        figure = confusion_matrix_figure(evaluation.confusion, class_names, f"{split} set")
+        figure.savefig(folder / f"{split}_confusion_matrix.png", dpi=100)
+    (folder / f"{split}_classification_report.txt").write_text(evaluation.report_text)
+    (folder / f"{split}_classification_report.json").write_text(json.dumps(evaluation.report))
 
 
 def _sqlite_path(uri: str) -> Path | None:

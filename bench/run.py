@@ -1,0 +1,158 @@
+"""Benchmark: what the feature cache saves, and what tlsweep costs per trial.
+
+The reference grid (2x2x2 over dense units, dropout and batch size) on the bundled digits,
+three ways in one process, one after another:
+
+  a. tlsweep with the feature cache (a fresh cache: the one feature pass is included)
+  b. tlsweep with the cache off (every epoch runs the frozen backbone over the images)
+  c. the floor: one feature pass, then the same eight head fits in a bare Keras loop
+
+Prints wall times, the ratios b/a and a/c, the best validation accuracy of a and b (they must
+agree), tlsweep's overhead per trial ((a - c) / trials), the machine and library versions.
+
+    python -m bench.run                     # ResNet50 at 64x64, 3 epochs (the issue's setting)
+    python -m bench.run --backbone mobilenet_v2 --size 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import keras
+import numpy as np
+import yaml
+
+GRID = {"head.dense_units": [256, 512], "head.dropout": [0.1, 0.3], "train.batch_size": [10, 30]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--pooling", default="avg")
+    parser.add_argument("--skip-uncached", action="store_true", help="only a and c (quick)")
+    args = parser.parse_args()
+
+    base = {
+        "data": "digits",
+        "backbone": args.backbone,
+        "backbone.weights": None,
+        "backbone.input_size": args.size,
+        "head.pooling": args.pooling,
+        "train.epochs": args.epochs,
+        "train.early_stopping.patience": None,
+    }
+    print(machine_report())
+    print(
+        f"grid: {GRID}; {args.backbone} at {args.size}x{args.size}, {args.epochs} epochs, "
+        f"{args.pooling} pooling, digits (1,077 train / 270 val images)\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        a_time, a_best = timed_sweep(Path(tmp), "cached", base, cache=True)
+        print(f"a. tlsweep, feature cache:   {a_time:7.1f} s   best val_accuracy {a_best:.4f}")
+        c_time, c_best = timed_floor(base)
+        print(f"c. bare Keras floor:          {c_time:7.1f} s   best val_accuracy {c_best:.4f}")
+        if not args.skip_uncached:
+            b_time, b_best = timed_sweep(Path(tmp), "uncached", base, cache=False)
+            print(f"b. tlsweep, cache off:        {b_time:7.1f} s   best val_accuracy {b_best:.4f}")
+            print(f"\nb/a = {b_time / a_time:.1f}x   (the cache's saving; target >= 8)")
+            agree = "agree" if abs(a_best - b_best) < 1e-9 else "DIFFER"
+            print(f"best val_accuracy cached {a_best:.4f} vs uncached {b_best:.4f}: {agree}")
+        trials = int(np.prod([len(v) for v in GRID.values()]))
+        print(f"a/c = {a_time / c_time:.2f}   (tlsweep against the floor; target <= 1.3)")
+        print(
+            f"tlsweep overhead per trial: {(a_time - c_time) / trials:.2f} s "
+            f"(config, Optuna, MLflow logging, model logging; target < 1 s)"
+        )
+
+
+def timed_sweep(tmp: Path, name: str, base: dict, cache: bool) -> tuple[float, float]:
+    """Time one whole ``tlsweep sweep`` of the grid (fresh store, fresh feature cache)."""
+    from tlsweep.progress import SweepProgress
+    from tlsweep.sweep import run_sweep
+    from tlsweep.sweepspec import load_sweep
+
+    document = {
+        "base": {**base, "cache.enabled": cache, "cache.dir": str(tmp / f"cache-{name}")},
+        "search_space": {k: f"choice({', '.join(map(str, v))})" for k, v in GRID.items()},
+        "sweep": {
+            "study_name": name,
+            "sampler": "grid",
+            "pruner": "none",
+            "n_trials": 8,
+            "storage": f"sqlite:///{tmp / f'{name}.db'}",
+        },
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(document))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / f'mlflow-{name}.db'}"
+    quiet = SweepProgress(8, "val_accuracy", console=_null_console())
+    start = time.perf_counter()
+    summary = run_sweep(load_sweep(str(path)), progress=quiet)
+    return time.perf_counter() - start, float(summary.best_value or 0.0)
+
+
+def timed_floor(base: dict) -> tuple[float, float]:
+    """One feature pass, then eight plain ``fit`` calls of the head on in-memory features."""
+    from tlsweep.config import load_config
+    from tlsweep.data import load_data
+    from tlsweep.model import build_classifier, build_head, feature_extractor
+
+    overrides = [f"{k}={'null' if v is None else v}" for k, v in base.items()]
+    start = time.perf_counter()
+    cfg = load_config(overrides)
+    keras.utils.set_random_seed(cfg.seed)
+    data = load_data(cfg.data, cfg.backbone.input_size)
+    extractor = feature_extractor(build_classifier(cfg.backbone, cfg.head, data.num_classes))
+    train_x = extractor.predict(data.train.images.astype("float32"), batch_size=64, verbose=0)
+    val_x = extractor.predict(data.val.images.astype("float32"), batch_size=64, verbose=0)
+    best = 0.0
+    for units in GRID["head.dense_units"]:
+        for dropout in GRID["head.dropout"]:
+            for batch in GRID["train.batch_size"]:
+                cfg.head.dense_units, cfg.head.dropout = units, dropout
+                head = build_head(train_x.shape[1:], cfg.head, data.num_classes)
+                head.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+                history = head.fit(
+                    train_x,
+                    data.train.labels,
+                    batch_size=batch,
+                    verbose=0,
+                    epochs=cfg.train.epochs,
+                    validation_data=(val_x, data.val.labels),
+                )
+                best = max(best, max(history.history["val_accuracy"]))
+    return time.perf_counter() - start, best
+
+
+def machine_report() -> str:
+    from importlib import metadata
+
+    packages = ("tensorflow", "keras", "optuna", "mlflow", "numpy", "tlsweep")
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in packages)
+    devices = ", ".join(str(d) for d in keras.distribution.list_devices())
+    return (
+        f"machine: {platform.platform()}, {os.cpu_count()} CPUs, {platform.processor() or '?'}; "
+        f"python {platform.python_version()}; keras backend {keras.backend.backend()} on "
+        f"{devices}\nversions: {versions}"
+    )
+
+
+def _null_console():
+    from rich.console import Console
+
+    return Console(file=Path(os.devnull).open("w"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Backbones: each one's own preprocessing, weights (offline ImageNet, local file), errors."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from keras.applications import imagenet_utils
+
+from tlsweep.backbones import build_backbone, preprocess_mode, preprocessing_layers
+from tlsweep.config import BackboneConfig, Config, group_choices, load_config
+from tlsweep.errors import UserError
+
+# Each architecture's own preprocess_input, named here independently of tlsweep's lookup.
+PREPROCESS_INPUT = {
+    "ConvNeXtTiny": keras.applications.convnext.preprocess_input,
+    "DenseNet121": keras.applications.densenet.preprocess_input,
+    "EfficientNetB0": keras.applications.efficientnet.preprocess_input,
+    "EfficientNetV2B0": keras.applications.efficientnet_v2.preprocess_input,
+    "InceptionResNetV2": keras.applications.inception_resnet_v2.preprocess_input,
+    "InceptionV3": keras.applications.inception_v3.preprocess_input,
+    "MobileNetV2": keras.applications.mobilenet_v2.preprocess_input,
+    "MobileNetV3Small": keras.applications.mobilenet_v3.preprocess_input,
+    "ResNet50": keras.applications.resnet50.preprocess_input,
+    "ResNet101": keras.applications.resnet.preprocess_input,
+    "ResNet50V2": keras.applications.resnet_v2.preprocess_input,
+    "VGG16": keras.applications.vgg16.preprocess_input,
+    "VGG19": keras.applications.vgg19.preprocess_input,
+    "Xception": keras.applications.xception.preprocess_input,
+}
+
+
+def _pixels(seed: int = 123) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 255, (4, 9, 7, 3)).astype("float32")
+
+
+def _apply(layers: list[keras.layers.Layer], images: np.ndarray) -> np.ndarray:
+    x = images
+    for layer in layers:
+        x = layer(x)
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def _tiny_mobilenet(alpha: float = 0.35) -> keras.Model:
+    return keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=alpha, include_top=False, weights=None
+    )
+
+
+@pytest.mark.parametrize("name", group_choices("backbone"))
+def test_preprocessing_matches_the_backbones_own(name: str) -> None:
+    cfg = load_config([f"backbone={name}"]).backbone
+    assert cfg.preprocess == "auto"
+    own = PREPROCESS_INPUT.get(cfg.architecture)
+    assert own is not None, f"add {cfg.architecture}'s preprocess_input to PREPROCESS_INPUT"
+    pixels = _pixels()
+    expected = np.asarray(own(pixels.copy()))
+    got = _apply(preprocessing_layers(preprocess_mode(cfg)), pixels)
+    assert got.shape == pixels.shape
+    assert np.allclose(got, expected, atol=1e-3), f"{name}: max diff {abs(got - expected).max()}"
+
+
+@pytest.mark.parametrize("mode", ["caffe", "tf", "torch"])
+def test_each_mode_matches_imagenet_utils(mode: str) -> None:
+    pixels = _pixels(7)
+    expected = imagenet_utils.preprocess_input(pixels.copy(), mode=mode)
+    assert np.allclose(_apply(preprocessing_layers(mode), pixels), expected, atol=1e-3)
+
+
+def test_none_mode_is_identity_and_explicit_mode_wins() -> None:
+    pixels = _pixels(8)
+    assert preprocessing_layers("none") == []
+    cfg = load_config(["backbone=resnet50", "backbone.preprocess=tf"]).backbone
+    assert preprocess_mode(cfg) == "tf"
+    assert np.allclose(_apply(preprocessing_layers("tf"), pixels), pixels / 127.5 - 1, atol=1e-5)
+    with pytest.raises(UserError, match=r"backbone\.preprocess"):
+        preprocessing_layers("zscore")
+
+
+def test_imagenet_weights_offline_is_a_user_error(
+    make_config: Callable[..., Config], offline: Path
+) -> None:
+    cfg = make_config("backbone.weights=imagenet").backbone
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError) as info:
+            build_backbone(cfg)
+    message = str(info.value)
+    assert "MobileNetV2" in message
+    assert "backbone.weights=null" in message
+    assert "backbone.weights=/path/to/" in message  # or a local weights file
+    assert "\n" not in message
+    assert not [w for w in caught if "input_shape" in str(w.message)]
+    assert not [p for p in offline.rglob("*.h5") if p.stat().st_size]
+
+
+def test_local_weights_file_is_loaded(make_config: Callable[..., Config], tmp_path: Path) -> None:
+    reference = _tiny_mobilenet()
+    # shifted away from any fresh initialisation, so equality can only come from the file
+    reference.set_weights([w + 0.5 for w in reference.get_weights()])
+    path = tmp_path / "x.weights.h5"
+    reference.save_weights(path)
+    backbone = build_backbone(make_config(f"backbone.weights={path}").backbone)
+    loaded = backbone.get_weights()
+    assert len(loaded) == len(reference.get_weights())
+    for got, want in zip(loaded, reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert backbone.trainable is False
+    assert backbone.trainable_weights == []
+
+
+@pytest.mark.filterwarnings("ignore:Skipping nested container:UserWarning")
+def test_weights_file_of_another_network_is_a_user_error(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    path = tmp_path / "wider.weights.h5"
+    _tiny_mobilenet(alpha=0.5).save_weights(path)
+    with pytest.raises(UserError, match="does not fit") as info:
+        build_backbone(make_config(f"backbone.weights={path}").backbone)
+    assert str(path) in str(info.value)
+
+
+def test_random_weights_backbone_is_frozen_and_headless(
+    make_config: Callable[..., Config],
+) -> None:
+    backbone = build_backbone(make_config().backbone)
+    assert backbone.trainable is False
+    assert backbone.trainable_weights == []
+    assert backbone.output.shape == (None, 1, 1, 1280)  # no classifier top
+
+
+@pytest.mark.parametrize("architecture", ["ResNet9000", "resnet50", "preprocess_input"])
+def test_unknown_architecture_is_a_user_error(architecture: str) -> None:
+    cfg = replace(BackboneConfig(), architecture=architecture, weights=None, input_size=32)
+    with pytest.raises(UserError, match=f"backbone.architecture={architecture}") as info:
+        build_backbone(cfg)
+    assert "ResNet50" in str(info.value)  # the known ones are listed
+    with pytest.raises(UserError):
+        preprocess_mode(cfg)
+
+
+def test_backbone_runs_in_inference_mode_even_when_keras_passes_training_true(
+    make_config: Callable[..., Config],
+) -> None:
+    """Keras 3 overrides a nested ``training=False`` inside fit; EfficientNet's drop-connect
+    must still be inactive, or the cached and end-to-end paths would train differently."""
+    import keras
+
+    from tlsweep.backbones import STOCHASTIC_LAYERS, _all_layers
+    from tlsweep.model import build_classifier
+
+    cfg = make_config("backbone=efficientnet_b0", "~backbone.options.alpha")
+    stock = keras.applications.EfficientNetB0(
+        include_top=False, weights=None, input_shape=(32, 32, 3)
+    )
+    assert any(isinstance(layer, STOCHASTIC_LAYERS) and layer.rate for layer in _all_layers(stock))
+    model = build_classifier(cfg.backbone, cfg.head, num_classes=3)
+    stochastic = [layer for layer in _all_layers(model) if isinstance(layer, STOCHASTIC_LAYERS)]
+    assert all(layer.rate == 0 for layer in stochastic if layer.name != "dropout")
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    backbone_only = keras.Model(model.inputs, model.get_layer("pool").output)
+    np.testing.assert_array_equal(
+        np.asarray(backbone_only(images, training=True)),
+        np.asarray(backbone_only(images, training=False)),
+    )

@@ -1,0 +1,236 @@
+"""The ``tlsweep train`` command: help, --cfg job, bad input (exit 2, one line), end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tlsweep.cli import main
+from tlsweep.config import CONFIG_GROUPS, group_choices
+
+_SCRIPT = Path(sys.executable).with_name("tlsweep")
+TLSWEEP = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "tlsweep.cli"]
+ERROR_PREFIX = "tlsweep: error: "
+
+
+def tlsweep(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The console script, in this test's directory and environment (store, proxies)."""
+    return subprocess.run(
+        [*TLSWEEP, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path.cwd(),
+        env=dict(os.environ),
+        check=False,
+    )
+
+
+def assert_one_error_line(stderr: str, *fragments: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}:\n{stderr}"
+    line = lines[0]
+    assert line.startswith(ERROR_PREFIX), line
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    return line
+
+
+# --- help and --cfg job --------------------------------------------------------------------
+
+
+def test_train_help_lists_groups_and_choices() -> None:
+    done = tlsweep("train", "--help")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    for group in CONFIG_GROUPS:
+        (line,) = [line for line in lines if line.strip().startswith(f"{group} ")]
+        listed = {choice.strip() for choice in line.split(maxsplit=1)[1].split(",")}
+        assert listed == set(group_choices(group)), group
+    assert "cifar10" in done.stdout
+    assert "resnet50" in done.stdout
+    assert "rmsprop" in done.stdout
+    assert "head.dropout" in done.stdout  # the key reference
+
+
+def test_cfg_job_prints_the_resolved_config(store_runs: Callable[..., list]) -> None:
+    done = tlsweep("train", "--cfg", "job", "head.dropout=0.1", "backbone=vgg16")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    printed = yaml.safe_load(done.stdout)
+    assert printed["head"]["dropout"] == 0.1
+    assert printed["backbone"]["name"] == "vgg16"
+    assert printed["backbone"]["weights"] == "imagenet"
+    assert printed["train"]["epochs"] == 5
+    assert store_runs() == []
+
+
+def test_cfg_job_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--cfg", "job", "head.dropout=0.1"]) == 0
+    out, err = capsys.readouterr()
+    assert yaml.safe_load(out)["head"]["dropout"] == 0.1
+    assert err == ""
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["backbone=resnet5"], ["resnet5", "resnet50", "vgg16"]),
+        (["data=imagenet"], ["imagenet", "digits", "folder", "cifar10"]),
+        (["optimizer=lbfgs"], ["lbfgs", "adam", "sgd"]),
+        (["head.dropout=1.0"], ["head.dropout=1.0", "[0, 1)"]),
+        (["head.dropout=-0.1"], ["head.dropout=-0.1"]),
+        (["head.dense_units=0"], ["head.dense_units=0", ">= 1"]),
+        (["train.batch_size=0"], ["train.batch_size=0", ">= 1"]),
+        (["optimizer.learning_rate=0"], ["optimizer.learning_rate=0", "> 0"]),
+        (["optimizer.learning_rate=-1"], ["optimizer.learning_rate=-1", "> 0"]),
+        (["backbone=inception_v3", "backbone.input_size=50"], ["backbone.input_size=50", "75"]),
+        (["data=folder"], ["data.path"]),
+        (["backbone.weights=/no/such/file.weights.h5"], ["/no/such/file.weights.h5"]),
+        (["head.units=3"], ["head.units", "dense_units"]),
+        (["head.dense_units=abc"], ["head.dense_units", "abc"]),
+    ],
+)
+def test_bad_config_exits_2_with_one_line(
+    overrides: list[str], fragments: list[str], store_runs: Callable[..., list]
+) -> None:
+    done = tlsweep("train", *overrides)
+    assert done.returncode == 2
+    assert_one_error_line(done.stderr, *fragments)
+    assert done.stdout == ""
+    assert store_runs() == []
+
+
+def _folder_with_one_class(image_folder: Callable[..., Path], tmp_path: Path) -> list[str]:
+    return ["data=folder", f"data.path={image_folder({'only': 6})}"]
+
+
+def _folder_with_broken_image(image_folder: Callable[..., Path], tmp_path: Path) -> list[str]:
+    root = image_folder({"cat": 6, "dog": 6})
+    (root / "cat" / "broken.jpg").write_bytes(b"not an image")
+    return ["data=folder", f"data.path={root}"]
+
+
+def _missing_folder(image_folder: Callable[..., Path], tmp_path: Path) -> list[str]:
+    return ["data=folder", f"data.path={tmp_path / 'nowhere'}"]
+
+
+def _mismatched_weights(image_folder: Callable[..., Path], tmp_path: Path) -> list[str]:
+    import keras
+
+    path = tmp_path / "wide.weights.h5"
+    net = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.5, include_top=False, weights=None
+    )
+    net.save_weights(path)
+    return [f"backbone.weights={path}"]
+
+
+@pytest.mark.filterwarnings("ignore:Skipping nested container:UserWarning")
+@pytest.mark.parametrize(
+    ("make_overrides", "fragments"),
+    [
+        (_missing_folder, ["nowhere", "no such directory"]),
+        (_folder_with_one_class, ["at least 2"]),
+        (_folder_with_broken_image, ["broken.jpg"]),
+        (lambda *_: ["data=cifar10"], ["cifar10", "download"]),
+        (lambda *_: ["backbone.weights=imagenet"], ["backbone.weights=null"]),
+        (_mismatched_weights, ["wide.weights.h5", "does not fit"]),
+    ],
+    ids=["missing-dir", "one-class", "broken-image", "cifar10", "imagenet", "weights-file"],
+)
+def test_bad_data_or_weights_exit_2_with_one_line(
+    make_overrides: Callable[..., list[str]],
+    fragments: list[str],
+    offline: Path,
+    image_folder: Callable[..., Path],
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    store_runs: Callable[..., list],
+    tiny_overrides: tuple[str, ...],
+) -> None:
+    overrides = make_overrides(image_folder, tmp_path)
+    capfd.readouterr()
+    assert main(["train", *tiny_overrides, *overrides]) == 2
+    _, err = capfd.readouterr()
+    assert_one_error_line(err, *fragments)
+    assert store_runs() == []
+
+
+def test_offline_download_error_is_one_line_from_the_script(
+    offline: Path, store_runs: Callable[..., list], tiny_overrides: tuple[str, ...]
+) -> None:
+    """The real console script, TensorFlow's start-up included: still exactly one line."""
+    done = tlsweep("train", *tiny_overrides, "data=cifar10")
+    assert done.returncode == 2
+    assert_one_error_line(done.stderr, "cifar10", "download")
+    assert store_runs() == []
+
+
+# --- end to end ----------------------------------------------------------------------------
+
+E2E: Sequence[str] = (
+    "data=digits",
+    "backbone=mobilenet_v2",
+    "backbone.weights=null",
+    "backbone.input_size=32",
+    "train.epochs=2",
+)
+
+
+@pytest.mark.slow
+def test_train_end_to_end_twice_gives_identical_results(
+    store_runs: Callable[..., list],
+) -> None:
+    first = tlsweep("train", *E2E, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = store_runs()
+    assert len(runs) == 1
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].info.run_id in first.stdout
+    assert "test_accuracy=" in first.stdout
+
+    second = tlsweep("train", *E2E, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    runs = store_runs()
+    assert len(runs) == 2
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    accuracies = [run.data.metrics["test_accuracy"] for run in runs]
+    assert accuracies[0] == accuracies[1]
+    losses = [run.data.metrics["test_loss"] for run in runs]
+    assert losses[0] == losses[1]
+    assert len({run.data.params["data.fingerprint"] for run in runs}) == 1
+
+
+def test_cache_ls_lists_entries_and_clear_removes_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from tlsweep.features import FeatureStore
+
+    store = FeatureStore(tmp_path / "features", max_bytes=10**9)
+    description = {"backbone": "resnet50", "input_size": 32, "pooling": "avg", "split": "val"}
+    store.get_or_compute("k1", lambda: np.ones((5, 8)), {**description, "n": 5})
+    store.get_or_compute("k2", lambda: np.ones((3, 8)), {**description, "n": 3})
+    where = f"cache.dir={tmp_path / 'features'}"
+
+    assert main(["cache", "ls", where]) == 0
+    listing = capsys.readouterr().out
+    assert "2 entries" in listing
+    assert listing.count("resnet50") == 2 and "n=5" in listing and "n=3" in listing
+
+    assert main(["cache", "clear", where]) == 0
+    assert "removed 2 entries" in capsys.readouterr().out
+    assert store.entries() == []
+    assert main(["cache", "ls", where]) == 0
+    assert "0 entries" in capsys.readouterr().out

@@ -1,0 +1,238 @@
+"""Config composition (Hydra), the typed schema, validation, flatten and to_yaml."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+import pytest
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from tlsweep.config import (
+    Config,
+    compose,
+    config_dir,
+    flatten,
+    group_choices,
+    load_config,
+    to_config,
+    to_dict,
+    to_yaml,
+)
+from tlsweep.errors import UserError
+
+REQUIRED_CHOICES = {
+    "data": ("digits", "folder", "cifar10"),
+    "backbone": (
+        "resnet50",
+        "vgg16",
+        "mobilenet_v2",
+        "efficientnet_b0",
+        "inception_v3",
+        "xception",
+        "densenet121",
+    ),
+    "optimizer": ("adam", "sgd", "rmsprop", "adamw"),
+}
+REFERENCE_EXPERIMENT = (
+    "backbone=resnet50",
+    "head.pooling=flatten",
+    "head.dense_units=512",
+    "head.dropout=0.1",
+    "train.batch_size=30",
+    "train.epochs=5",
+    "optimizer=adam",
+    "data=cifar10",
+)
+
+
+@pytest.fixture(scope="module")
+def cfg_default() -> DictConfig:
+    """The root config composed with no overrides, as Hydra returns it."""
+    return compose([])
+
+
+@pytest.fixture(scope="module")
+def cfg_reference() -> Config:
+    return load_config(REFERENCE_EXPERIMENT)
+
+
+def _user_error(overrides: list[str] | tuple[str, ...]) -> str:
+    with pytest.raises(UserError) as info:
+        load_config(overrides)
+    message = str(info.value)
+    assert "\n" not in message, "a UserError message must be one line"
+    return message
+
+
+# --- composition ---------------------------------------------------------------------------
+
+
+def test_default_composition(cfg_default: DictConfig) -> None:
+    for key in ("seed", "data", "backbone", "head", "optimizer", "train", "tracking"):
+        assert key in cfg_default
+    # the defaults list of conf/config.yaml
+    assert cfg_default.data.name == "digits"
+    assert cfg_default.backbone.name == "resnet50"
+    assert cfg_default.optimizer.name == "adam"
+    assert cfg_default.head.pooling == "avg"
+    cfg = to_config(cfg_default)
+    assert isinstance(cfg, Config)
+    assert cfg == load_config([])
+    assert cfg.backbone.architecture == "ResNet50"
+    assert cfg.train.deterministic is True
+
+
+def test_overrides_compose_into_typed_values(make_config: Callable[..., Config]) -> None:
+    cfg = make_config("head.dropout=0.25", "train.epochs=3", "optimizer.learning_rate=3e-4")
+    assert cfg.head.dropout == 0.25
+    assert cfg.train.epochs == 3
+    assert cfg.optimizer.learning_rate == pytest.approx(3e-4)
+    assert isinstance(cfg.head.dense_units, int)
+    # the tiny test config itself
+    assert cfg.backbone.name == "mobilenet_v2"
+    assert cfg.backbone.weights is None
+    assert cfg.backbone.options == {"alpha": 0.35}
+
+
+@pytest.mark.parametrize(
+    ("group", "choice"),
+    [(group, choice) for group, choices in REQUIRED_CHOICES.items() for choice in choices],
+)
+def test_required_group_choice_exists_and_composes(group: str, choice: str, tmp_path: Path) -> None:
+    assert choice in group_choices(group)
+    extra = [f"data.path={tmp_path}"] if choice == "folder" else []
+    cfg = load_config([f"{group}={choice}", *extra])
+    assert getattr(cfg, group).name == choice
+
+
+@pytest.mark.parametrize("name", group_choices("backbone"))
+def test_every_backbone_defaults_to_imagenet(name: str) -> None:
+    raw = yaml.safe_load((config_dir() / "backbone" / f"{name}.yaml").read_text())
+    assert raw["weights"] == "imagenet"
+    cfg = load_config([f"backbone={name}"])
+    assert cfg.backbone.name == name
+    assert cfg.backbone.weights == "imagenet"
+    assert cfg.backbone.input_size >= cfg.backbone.min_input_size
+    assert callable(getattr(keras.applications, cfg.backbone.architecture, None))
+
+
+def test_sgd_uses_momentum() -> None:
+    cfg = load_config(["optimizer=sgd"])
+    assert cfg.optimizer.name == "sgd"
+    assert cfg.optimizer.momentum > 0
+
+
+def test_reference_experiment_is_expressible(cfg_reference: Config) -> None:
+    cfg = cfg_reference
+    assert cfg.backbone.name == "resnet50"
+    assert cfg.backbone.architecture == "ResNet50"
+    assert cfg.backbone.weights == "imagenet"
+    assert (cfg.head.pooling, cfg.head.dense_units, cfg.head.dropout) == ("flatten", 512, 0.1)
+    assert (cfg.train.batch_size, cfg.train.epochs) == (30, 5)
+    assert cfg.optimizer.name == "adam"
+    assert (cfg.data.source, cfg.data.name) == ("keras", "cifar10")
+    assert cfg.data.train_limit == 2000
+    assert cfg.data.test_limit == 2000
+    assert cfg.data.val_fraction == 0.2
+
+
+def test_config_dir_can_be_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "conf"
+    shutil.copytree(config_dir(), conf)
+    text = (conf / "backbone" / "mobilenet_v2.yaml").read_text()
+    (conf / "backbone" / "my_net.yaml").write_text(text.replace("mobilenet_v2", "my_net"))
+    monkeypatch.setenv("TLSWEEP_CONFIG_DIR", str(conf))
+    assert config_dir() == conf.resolve()
+    assert "my_net" in group_choices("backbone")
+    assert load_config(["backbone=my_net"]).backbone.architecture == "MobileNetV2"
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", sorted(REQUIRED_CHOICES))
+def test_unknown_group_choice_lists_the_valid_ones(group: str) -> None:
+    message = _user_error([f"{group}=no_such_choice"])
+    assert "no_such_choice" in message
+    for choice in group_choices(group):
+        assert choice in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["head.dropout=1.0"], ["head.dropout=1.0", "[0, 1)"]),
+        (["head.dropout=-0.1"], ["head.dropout=-0.1", "[0, 1)"]),
+        (["head.dense_units=0"], ["head.dense_units=0", ">= 1"]),
+        (["train.batch_size=0"], ["train.batch_size=0", ">= 1"]),
+        (["train.epochs=0"], ["train.epochs=0", ">= 1"]),
+        (["optimizer.learning_rate=0"], ["optimizer.learning_rate=0", "> 0"]),
+        (["optimizer.learning_rate=-0.001"], ["optimizer.learning_rate=-0.001", "> 0"]),
+        (["head.pooling=median"], ["head.pooling=median", "avg", "max", "flatten"]),
+        (
+            ["backbone=inception_v3", "backbone.input_size=50"],
+            ["backbone.input_size=50", "InceptionV3", "75"],
+        ),
+        (["data=folder"], ["data.path", "data=folder"]),
+        (
+            ["backbone.weights=/no/such/dir/x.weights.h5"],
+            ["/no/such/dir/x.weights.h5", "imagenet", "null"],
+        ),
+        (["head.units=3"], ["head.units", "dense_units", "dropout", "pooling"]),
+        (["+head.units=3"], ["head.units", "dense_units", "dropout", "pooling"]),
+        (["no_such_key=1"], ["no_such_key", "head", "train"]),
+        (["head.dense_units=abc"], ["head.dense_units", "abc", "Integer"]),
+        (["head.dropout=high"], ["head.dropout", "high", "Float"]),
+    ],
+)
+def test_bad_input_is_a_one_line_user_error(overrides: list[str], expected: list[str]) -> None:
+    message = _user_error(overrides)
+    for fragment in expected:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_user_error_exit_code_is_2() -> None:
+    assert UserError.exit_code == 2
+    assert str(UserError("two\n  lines")) == "two lines"
+
+
+# --- flatten and to_yaml -------------------------------------------------------------------
+
+
+def test_flatten_gives_dotted_leaf_keys(cfg_reference: Config) -> None:
+    flat = flatten(cfg_reference)
+    assert flat["head.dense_units"] == 512
+    assert flat["head.pooling"] == "flatten"
+    assert flat["train.early_stopping.monitor"] == "val_accuracy"
+    assert flat["data.train_limit"] == 2000
+    assert flat["backbone.options"] == {}  # an empty mapping is a leaf
+    assert not any(isinstance(v, dict) and v for v in flat.values())
+    structured = OmegaConf.structured(cfg_reference)
+    for key, value in flat.items():
+        assert OmegaConf.select(structured, key) == value, key
+
+
+def test_flatten_nested_options(make_config: Callable[..., Config]) -> None:
+    flat = flatten(make_config())
+    assert flat["backbone.options.alpha"] == 0.35
+    assert "backbone.options" not in flat
+    assert flatten({"a": {"b": {"c": 1}, "d": 2}, "e": 3}) == {"a.b.c": 1, "a.d": 2, "e": 3}
+
+
+def test_to_yaml_round_trips(make_config: Callable[..., Config]) -> None:
+    cfg = make_config("head.dropout=0.1", "optimizer=sgd", "train.fine_tune.epochs=2")
+    text = to_yaml(cfg)
+    assert yaml.safe_load(text) == to_dict(cfg)
+    assert "dropout: 0.1" in text
+    assert to_config(OmegaConf.create(text)) == cfg
+
+
+def test_to_yaml_of_reference_experiment(cfg_reference: Config) -> None:
+    parsed = yaml.safe_load(to_yaml(cfg_reference))
+    assert parsed["backbone"]["name"] == "resnet50"
+    assert parsed["head"] == {"pooling": "flatten", "dense_units": 512, "dropout": 0.1}
+    assert parsed["data"]["train_limit"] == 2000

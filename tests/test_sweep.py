@@ -1,0 +1,527 @@
+"""Optuna sweeps: study <-> MLflow runs, resume, failures, pruning, samplers, storage."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from tlsweep import sweep
+from tlsweep.errors import UserError
+from tlsweep.sweep import (
+    FAIL_REASON_ATTR,
+    RUN_ID_ATTR,
+    SweepSummary,
+    _EpochReporter,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    open_study,
+    run_sweep,
+    suggest,
+)
+from tlsweep.sweepspec import Dimension, SweepSettings, load_sweep, parse_dimension, with_settings
+
+# --- the epoch reporter --------------------------------------------------------------------------
+
+
+class FakeTrial:
+    def __init__(self, prune_at: int | None = None) -> None:
+        self.reports: list[tuple[float, int]] = []
+        self.prune_at = prune_at
+
+    def report(self, value: float, step: int) -> None:
+        self.reports.append((value, step))
+
+    def should_prune(self) -> bool:
+        return self.prune_at is not None and self.reports[-1][1] >= self.prune_at
+
+
+class FakeModel:
+    stop_training = False
+
+
+def reporter_after(values, metric="val_accuracy", direction="maximize", prune_at=None):
+    trial = FakeTrial(prune_at)
+    reporter = _EpochReporter(trial, metric, direction)  # type: ignore[arg-type]
+    reporter.set_model(FakeModel())
+    for epoch, value in enumerate(values):
+        reporter.on_epoch_end(epoch, {metric: value, "loss": 9.0})
+        if reporter.model.stop_training:
+            break
+    return reporter, trial
+
+
+def test_trial_value_is_the_best_epoch_not_the_last() -> None:
+    reporter, trial = reporter_after([0.5, 0.9, 0.7])
+    assert reporter.best == 0.9
+    assert trial.reports == [(0.5, 1), (0.9, 2), (0.7, 3)]
+    assert (reporter.last_step, reporter.stop_run) == (3, False)
+    assert reporter.model.stop_training is False
+
+
+def test_minimized_metric_keeps_the_lowest() -> None:
+    reporter, trial = reporter_after([0.9, 0.4, 0.6], metric="val_loss", direction="minimize")
+    assert reporter.best == 0.4
+    assert [v for v, _ in trial.reports] == [0.9, 0.4, 0.6]
+
+
+def test_pruning_stops_training() -> None:
+    reporter, trial = reporter_after([0.5, 0.6, 0.7, 0.8], prune_at=2)
+    assert trial.reports == [(0.5, 1), (0.6, 2)]
+    assert reporter.stop_run and reporter.model.stop_training
+    assert (reporter.last_step, reporter.best) == (2, 0.6)
+
+
+# --- samplers, pruners, suggestions ------------------------------------------------------------
+
+SPACE = (
+    parse_dimension("head.dropout", "choice(0.1, 0.3)"),
+    parse_dimension("train.batch_size", "range(8, 24, step=8)"),
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("tpe", optuna.samplers.TPESampler),
+        ("random", optuna.samplers.RandomSampler),
+        ("grid", optuna.samplers.GridSampler),
+        ("cmaes", optuna.samplers.CmaEsSampler),
+        ("qmc", optuna.samplers.QMCSampler),
+    ],
+)
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_make_sampler(name: str, cls: type) -> None:
+    assert isinstance(make_sampler(SweepSettings(sampler=name), SPACE), cls)
+
+
+def test_grid_sampler_walks_the_whole_grid() -> None:
+    sampler = make_sampler(SweepSettings(sampler="grid"), SPACE)
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: float(sum(suggest(t, d) for d in SPACE)), n_trials=10)
+    seen = sorted(tuple(t.params.values()) for t in study.trials)
+    assert seen == [(0.1, 8), (0.1, 16), (0.3, 8), (0.3, 16)]  # then the study stopped
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed")
+def test_gp_sampler_without_torch_is_a_user_error() -> None:
+    with pytest.raises(UserError, match=r"sweep\.sampler=gp needs PyTorch"):
+        make_sampler(SweepSettings(sampler="gp"), SPACE)
+
+
+def test_make_pruner() -> None:
+    median = make_pruner(SweepSettings(pruner="median"))
+    assert isinstance(median, optuna.pruners.MedianPruner)
+    assert median._n_startup_trials == 3
+    tuned = make_pruner(SweepSettings(pruner="median", pruner_options={"n_startup_trials": 0}))
+    assert tuned._n_startup_trials == 0
+    assert isinstance(make_pruner(SweepSettings(pruner="none")), optuna.pruners.NopPruner)
+    assert isinstance(
+        make_pruner(SweepSettings(pruner="hyperband")), optuna.pruners.HyperbandPruner
+    )
+    assert isinstance(
+        make_pruner(SweepSettings(pruner="successive_halving")),
+        optuna.pruners.SuccessiveHalvingPruner,
+    )
+    with pytest.raises(UserError, match="pruner_options"):
+        make_pruner(SweepSettings(pruner="median", pruner_options={"patience": 3}))
+
+
+def test_suggest_follows_the_dimension() -> None:
+    dims = [
+        Dimension("c", "categorical", choices=("adam", "sgd")),
+        Dimension("i", "int", low=8, high=64, step=8),
+        Dimension("l", "int", low=1, high=100, log=True),
+        Dimension("f", "float", low=0.1, high=0.4, step=0.1),
+        Dimension("g", "float", low=1e-5, high=1e-2, log=True),
+    ]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        values = {d.key: suggest(trial, d) for d in dims}
+        assert values["c"] in ("adam", "sgd")
+        assert values["i"] in range(8, 65, 8)
+        assert isinstance(values["l"], int) and 1 <= values["l"] <= 100
+        assert min(abs(values["f"] - v) for v in (0.1, 0.2, 0.3, 0.4)) < 1e-9
+        assert 1e-5 <= values["g"] <= 1e-2
+        study.tell(trial, 0.0)
+    distributions = study.trials[0].distributions
+    assert distributions["g"].log and distributions["l"].log
+    assert distributions["i"].step == 8
+
+
+# --- storage and study ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_spec(tmp_path: Path, write_sweep):
+    def make(*overrides: str, settings: dict | None = None, space: dict | None = None):
+        path = write_sweep(
+            tmp_path / "spec",
+            space or {"head.dropout": "choice(0.0, 0.2)"},
+            {"study_name": "tiny", "pruner": "none", "n_trials": 2, **(settings or {})},
+        )
+        return load_sweep(str(path), overrides)
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://user:s3cret@127.0.0.1:9/optuna",
+        "sqlite:////dev/null/inside/optuna.db",
+        "nosuchdb://host/optuna",
+    ],
+)
+def test_unusable_storage_is_a_user_error_and_creates_nothing(
+    tiny_spec, store_runs, tmp_path: Path, url: str
+) -> None:
+    spec = tiny_spec(f"sweep.storage={url}")
+    with pytest.raises(UserError) as exc:
+        run_sweep(spec)
+    message = str(exc.value)
+    assert message.startswith("cannot open sweep.storage")
+    assert "s3cret" not in message and "\n" not in message
+    assert store_runs() == []
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+    assert not (tmp_path / "mlruns" / "optuna.db").exists()
+
+
+def test_default_storage_is_mlruns_optuna_db(tmp_path: Path) -> None:
+    assert sweep.storage_url(SweepSettings()) == f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+
+
+def test_direction_mismatch_is_refused(tiny_spec, store_runs) -> None:
+    spec = tiny_spec()
+    storage = open_storage(sweep.storage_url(spec.settings))
+    study = open_study(spec, storage)
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    other = with_settings(spec, direction="minimize")
+    with pytest.raises(UserError, match="direction") as exc:
+        open_study(other, storage)
+    assert "maximize" in str(exc.value)
+    with pytest.raises(UserError, match="direction"):
+        run_sweep(other)
+    with pytest.raises(UserError, match="direction"):  # val_loss: minimize by default
+        run_sweep(tiny_spec("sweep.metric=val_loss"))
+    assert store_runs() == []
+    assert open_study(spec, storage).direction == optuna.study.StudyDirection.MAXIMIZE
+
+
+def test_load_study_lists_known_names(tiny_spec) -> None:
+    spec = tiny_spec()
+    open_study(spec, open_storage(sweep.storage_url(spec.settings)))
+    with pytest.raises(UserError) as exc:
+        sweep.load_study("nope", spec.settings.storage)
+    assert "known: tiny" in str(exc.value)
+    assert sweep.study_names(spec.settings.storage) == ["tiny"]
+
+
+# --- the sweep loop, without training (a stand-in objective) -------------------------------------
+
+
+class StandInObjective:
+    """Replaces `_Objective`: samples like it, returns the dropout, raises on cue."""
+
+    calls: list[dict] = []
+    interrupt_at: int | None = None
+    fail_at: int | None = None
+
+    def __init__(self, spec, parent_run_id, progress) -> None:
+        self.spec = spec
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = {d.key: suggest(trial, d) for d in self.spec.space}
+        type(self).calls.append(params)
+        if len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt
+        if len(self.calls) == self.fail_at:
+            raise ValueError("stand-in failure")
+        return float(params["head.dropout"])
+
+
+@pytest.fixture
+def stand_in(monkeypatch: pytest.MonkeyPatch) -> type[StandInObjective]:
+    monkeypatch.setattr(StandInObjective, "calls", [])
+    monkeypatch.setattr(sweep, "_Objective", StandInObjective)
+    return StandInObjective
+
+
+def mlflow_client() -> mlflow.MlflowClient:
+    import os
+
+    return mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+
+
+def test_interrupted_sweep_resumes_to_n_trials(tiny_spec, stand_in, monkeypatch) -> None:
+    spec = tiny_spec(
+        settings={"sampler": "random", "n_trials": 3},
+        space={"head.dropout": "choice(0.0, 0.1, 0.2, 0.3)"},
+    )
+    monkeypatch.setattr(stand_in, "interrupt_at", 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec)
+    study = sweep.load_study("tiny", spec.settings.storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    parent = sweep.parent_run_id(study)
+    assert mlflow_client().get_run(parent).info.status == "KILLED"
+
+    summary = run_sweep(spec)
+    study = sweep.load_study("tiny", spec.settings.storage)
+    states = [t.state for t in study.trials]
+    assert states == [
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.COMPLETE,
+        TrialState.COMPLETE,
+    ]
+    assert summary.parent_run_id == parent
+    assert mlflow_client().get_run(parent).info.status == "FINISHED"
+    assert len(stand_in.calls) == 4
+    again = run_sweep(spec)  # nothing left to do
+    assert len(stand_in.calls) == 4 and again.parent_run_id == parent
+
+
+def test_interrupted_grid_sweep_completes_the_grid(tiny_spec, stand_in, monkeypatch) -> None:
+    spec = tiny_spec(
+        settings={"sampler": "grid", "n_trials": 3},
+        space={"head.dropout": "choice(0.1, 0.2, 0.3)"},
+    )
+    monkeypatch.setattr(stand_in, "interrupt_at", 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec)
+    run_sweep(spec)
+    study = sweep.load_study("tiny", spec.settings.storage)
+    finished = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(finished) == 3  # the interrupted grid point ran again
+    assert sorted(t.params["head.dropout"] for t in finished) == [0.1, 0.2, 0.3]
+
+
+def test_summaries_close_their_figures(tiny_spec, stand_in) -> None:
+    import matplotlib.pyplot as plt
+
+    open_before = set(plt.get_fignums())
+    spec = tiny_spec(settings={"sampler": "random", "n_trials": 3})
+    run_sweep(spec)
+    run_sweep(spec)
+    assert set(plt.get_fignums()) == open_before
+    parent = sweep.parent_run_id(sweep.load_study("tiny", spec.settings.storage))
+    plots = {a.path for a in mlflow_client().list_artifacts(parent, "plots")}
+    assert {"plots/optimization_history.png", "plots/slice.png"} <= plots
+
+
+def test_failed_trial_does_not_stop_the_sweep(tiny_spec, stand_in, monkeypatch) -> None:
+    spec = tiny_spec(settings={"sampler": "random", "n_trials": 3})
+    monkeypatch.setattr(stand_in, "fail_at", 1)
+    summary = run_sweep(spec)
+    study = sweep.load_study("tiny", spec.settings.storage)
+    assert [t.state for t in study.trials][:2] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert summary.leaderboard["state"].tolist()[-1] == "FAIL"
+    assert mlflow_client().get_run(summary.parent_run_id).info.status == "FINISHED"
+
+
+# --- real sweeps (train tiny models) -------------------------------------------------------------
+
+
+@dataclass
+class Swept:
+    uri: str
+    storage: str
+    first: SweepSummary
+    second: SweepSummary
+    before: list[tuple]  # (number, params, run id, start) of each trial after the first run
+
+    @property
+    def client(self) -> mlflow.MlflowClient:
+        return mlflow.MlflowClient(tracking_uri=self.uri)
+
+    def study(self, name: str = "tiny") -> optuna.Study:
+        return sweep.load_study(name, self.storage)
+
+
+def _trial_facts(study: optuna.Study) -> list[tuple]:
+    return [
+        (t.number, t.params, t.user_attrs.get(RUN_ID_ATTR), t.datetime_start) for t in study.trials
+    ]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, write_sweep) -> Swept:
+    """A grid of three dropouts: two trials, then resumed to three."""
+    folder = tmp_path_factory.mktemp("swept")
+    path = write_sweep(
+        folder,
+        {"head.dropout": "choice(0.0, 0.25, 0.5)"},
+        {"study_name": "tiny", "sampler": "grid", "pruner": "none", "n_trials": 2},
+    )
+    uri = f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
+    storage = f"sqlite:///{folder / 'optuna.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        first = run_sweep(load_sweep(str(path)))
+        before = _trial_facts(sweep.load_study("tiny", storage))
+        second = run_sweep(load_sweep(str(path), ["sweep.n_trials=3"]))
+    return Swept(uri, storage, first, second, before)
+
+
+@pytest.mark.slow
+def test_resume_continues_the_same_study(swept: Swept) -> None:
+    assert [number for number, *_ in swept.before] == [0, 1]
+    study = swept.study()
+    assert len(study.trials) == 3  # exactly n_trials, none repeated
+    assert _trial_facts(study)[:2] == swept.before
+    assert sorted(t.params["head.dropout"] for t in study.trials) == [0.0, 0.25, 0.5]
+    assert swept.second.parent_run_id == swept.first.parent_run_id
+    assert len(swept.first.leaderboard) == 2 and len(swept.second.leaderboard) == 3
+
+
+@pytest.mark.slow
+def test_study_and_runs_agree_one_to_one(swept: Swept) -> None:
+    study, client = swept.study(), swept.client
+    parent_id = swept.second.parent_run_id
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["tlsweep.role"] == "sweep"
+    assert parent.data.metrics["trials_complete"] == 3
+    runs = client.search_runs([parent.info.experiment_id])
+    children = {r.info.run_id: r for r in runs if r.info.run_id != parent_id}
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent_id for r in children.values())
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    trial_runs = {t.user_attrs[RUN_ID_ATTR]: t for t in study.trials}
+    assert set(trial_runs) == set(children)  # one child per trial, no strays
+    for run_id, trial in trial_runs.items():
+        run = children[run_id]
+        assert trial.state == TrialState.COMPLETE
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["tlsweep.trial_number"] == str(trial.number)
+        assert run.data.tags["tlsweep.trial_state"] == "COMPLETE"
+        assert float(run.data.params["head.dropout"]) == trial.params["head.dropout"]
+        history = client.get_metric_history(run_id, "val_accuracy")
+        assert [m.step for m in history] == [1, 2]
+        assert trial.value == pytest.approx(max(m.value for m in history))
+        assert run.data.metrics["best_val_accuracy"] == pytest.approx(trial.value)
+
+
+@pytest.mark.slow
+def test_parent_holds_leaderboard_and_plots(swept: Swept) -> None:
+    client, parent_id = swept.client, swept.second.parent_run_id
+    top = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"leaderboard.csv", "leaderboard.html", "leaderboard.md", "plots"} <= top
+    plots = {a.path for a in client.list_artifacts(parent_id, "plots")}
+    assert "plots/optimization_history.png" in plots
+    local = Path(client.download_artifacts(parent_id, "leaderboard.csv", str(Path.cwd())))
+    board = pd.read_csv(local)
+    assert sorted(board["trial"]) == [0, 1, 2]
+    assert set(board["run_id"]) == {t.user_attrs[RUN_ID_ATTR] for t in swept.study().trials}
+    assert board["value"].is_monotonic_decreasing
+    markdown = Path(client.download_artifacts(parent_id, "leaderboard.md", str(Path.cwd())))
+    assert all(run_id in markdown.read_text() for run_id in board["run_id"])
+    assert swept.second.leaderboard["trial"].tolist() == board["trial"].tolist()
+
+
+@pytest.mark.slow
+def test_best_so_far_trials_keep_their_model(swept: Swept) -> None:
+    client = swept.client
+    best_so_far = None
+    for trial in sorted(swept.study().trials, key=lambda t: t.number):
+        tags = client.get_run(trial.user_attrs[RUN_ID_ATTR]).data.tags
+        improved = best_so_far is None or trial.value > best_so_far
+        assert ("tlsweep.model_uri" in tags) == improved, trial.number
+        best_so_far = trial.value if improved else best_so_far
+
+
+@pytest.mark.slow
+def test_champion_is_the_best_trial_and_predicts(swept: Swept) -> None:
+    study = swept.study()
+    best_run = study.best_trial.user_attrs[RUN_ID_ATTR]
+    assert swept.second.best_run_id == best_run
+    assert swept.second.best_value == study.best_value
+    assert swept.second.champion_uri == "models:/tiny@champion"
+    version = swept.client.get_model_version_by_alias("tiny", "champion")
+    assert version.run_id == best_run
+    parent_tags = swept.client.get_run(swept.second.parent_run_id).data.tags
+    assert parent_tags["best.run_id"] == best_run
+    mlflow.set_tracking_uri(swept.uri)
+    model = mlflow.pyfunc.load_model("models:/tiny@champion")
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    probabilities = np.asarray(model.predict(images))
+    assert probabilities.shape == (4, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert model.metadata.metadata["class_names"] == ["0", "1", "2"]
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return True
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory, write_sweep) -> Swept:
+    """Trial 0 has an invalid dropout (fails inside the trial); the sweep replaces it with
+    trial 1, pruned at epoch 1, which completes the single trial asked for."""
+    folder = tmp_path_factory.mktemp("faulty")
+    path = write_sweep(
+        folder,
+        {"head.dropout": "choice(0.2, 1.5)"},
+        {"study_name": "faulty", "sampler": "random", "n_trials": 1},
+    )
+    uri = f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
+    storage = f"sqlite:///{folder / 'optuna.db'}"
+    queued = optuna.create_study(study_name="faulty", storage=storage, direction="maximize")
+    queued.enqueue_trial({"head.dropout": 1.5})
+    queued.enqueue_trial({"head.dropout": 0.2})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setattr(sweep, "make_pruner", lambda settings: AlwaysPrune())
+        summary = run_sweep(load_sweep(str(path)))
+    return Swept(uri, storage, summary, summary, [])
+
+
+@pytest.mark.slow
+def test_failing_trial_is_recorded_and_the_sweep_goes_on(faulty: Swept) -> None:
+    failed, pruned = faulty.study("faulty").trials
+    assert failed.state == TrialState.FAIL
+    assert failed.params == {"head.dropout": 1.5}
+    assert "head.dropout=1.5" in failed.user_attrs[FAIL_REASON_ATTR]
+    run = faulty.client.get_run(failed.user_attrs[RUN_ID_ATTR])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["tlsweep.trial_state"] == "FAIL"
+    assert "head.dropout=1.5" in run.data.tags["error"]
+    assert pruned.state == TrialState.PRUNED  # the next trial ran
+    board = faulty.first.leaderboard
+    assert board["state"].tolist() == ["PRUNED", "FAIL"]
+    assert "head.dropout=1.5" in board["reason"].iloc[1]
+
+
+@pytest.mark.slow
+def test_pruned_trial_keeps_its_run_and_metrics(faulty: Swept) -> None:
+    pruned = faulty.study("faulty").trials[1]
+    assert pruned.state == TrialState.PRUNED
+    assert list(pruned.intermediate_values) == [1]  # stopped after epoch 1 of 2
+    run = faulty.client.get_run(pruned.user_attrs[RUN_ID_ATTR])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["tlsweep.trial_state"] == "PRUNED"
+    assert run.data.tags["tlsweep.trial_number"] == "1"
+    assert "tlsweep.model_uri" not in run.data.tags  # no full model for a pruned trial
+    history = faulty.client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1]
+    assert history[0].value == pytest.approx(pruned.intermediate_values[1])
+    assert run.data.metrics["epochs_run"] == 1
+    assert "test_accuracy" in run.data.metrics
+    # No COMPLETE trial: nothing to crown.
+    assert faulty.first.best_value is None and faulty.first.champion_uri is None
+    parent = faulty.client.get_run(faulty.first.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials_pruned"] == 1
+    assert parent.data.metrics["trials_fail"] == 1

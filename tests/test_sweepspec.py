@@ -1,0 +1,380 @@
+"""Sweep files: expressions -> dimensions, settings, command-line refinements, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tlsweep.config import load_config
+from tlsweep.errors import UserError
+from tlsweep.sweepspec import (
+    Dimension,
+    SweepSettings,
+    available_sweeps,
+    load_sweep,
+    parse_dimension,
+    sweeps_dir,
+    to_override,
+)
+
+SHIPPED = ("quickstart", "head_grid", "backbones", "finetune")
+
+
+def sweep_file(folder: Path, document: dict, name: str = "spec") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path):
+    """A small valid sweep file (digits, random weights) plus optional changes."""
+
+    def make(space: dict | None = None, settings: dict | None = None, base: dict | None = None):
+        document = {
+            "base": {"data": "digits", "backbone.weights": None, **(base or {})},
+            "search_space": {"head.dropout": "choice(0.1, 0.3)"} if space is None else space,
+            "sweep": dict(settings or {}),
+        }
+        return sweep_file(tmp_path, document)
+
+    return make
+
+
+def assert_one_line(exc: pytest.ExceptionInfo[UserError], *fragments: str) -> str:
+    message = str(exc.value)
+    assert message and "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+# --- expressions -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "expression", "expected"),
+    [
+        (
+            "head.dense_units",
+            "choice(64, 128, 256)",
+            Dimension("head.dense_units", "categorical", choices=(64, 128, 256)),
+        ),
+        (
+            "backbone",
+            "choice(resnet50, vgg16)",
+            Dimension("backbone", "categorical", choices=("resnet50", "vgg16")),
+        ),
+        (
+            "head.dropout",
+            "choice(0.1, 0.3)",
+            Dimension("head.dropout", "categorical", choices=(0.1, 0.3)),
+        ),
+        (
+            "train.batch_size",
+            "range(8, 40, step=8)",
+            Dimension("train.batch_size", "int", low=8, high=32, step=8),
+        ),
+        ("train.epochs", "range(1, 5)", Dimension("train.epochs", "int", low=1, high=4, step=1)),
+        (
+            "head.dropout",
+            "range(0.1, 0.5, step=0.1)",
+            Dimension("head.dropout", "float", low=0.1, high=0.4, step=0.1),
+        ),
+        (
+            "head.dropout",
+            "interval(0.0, 0.5)",
+            Dimension("head.dropout", "float", low=0.0, high=0.5),
+        ),
+        (
+            "train.fine_tune.unfreeze_layers",
+            "int(interval(10, 120))",
+            Dimension("train.fine_tune.unfreeze_layers", "int", low=10, high=120),
+        ),
+        (
+            "optimizer.learning_rate",
+            "tag(log, interval(1e-4, 1e-2))",
+            Dimension("optimizer.learning_rate", "float", low=1e-4, high=1e-2, log=True),
+        ),
+        (
+            "head.dense_units",
+            "tag(log, int(interval(8, 512)))",
+            Dimension("head.dense_units", "int", low=8, high=512, log=True),
+        ),
+    ],
+)
+def test_expressions_map_to_dimensions(key: str, expression: str, expected: Dimension) -> None:
+    dim = parse_dimension(key, expression)
+    assert dim == expected
+    assert type(dim.low) is type(expected.low)  # int ranges stay int, intervals float
+
+
+def test_interval_is_float_even_with_integer_bounds() -> None:
+    dim = parse_dimension("head.dropout", "interval(0, 1)")
+    assert dim.kind == "float"
+    assert (dim.low, dim.high) == (0.0, 1.0)
+
+
+def test_float_range_noise_is_tidied() -> None:
+    dim = parse_dimension("head.dropout", "range(0.0, 1.0, step=0.1)")
+    assert dim.kind == "float"
+    assert dim.high == 0.9  # not 0.8999999999999999
+    values = dim.grid_values()
+    assert values == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert 0.30000000000000004 not in values
+
+
+def test_grid_values() -> None:
+    assert parse_dimension("backbone", "choice(resnet50, vgg16)").grid_values() == [
+        "resnet50",
+        "vgg16",
+    ]
+    ints = parse_dimension("train.batch_size", "range(8, 40, step=8)").grid_values()
+    assert ints == [8, 16, 24, 32]
+    assert all(type(v) is int for v in ints)
+    for expression in ("interval(0.0, 0.5)", "int(interval(1, 9))", "tag(log, interval(1, 2))"):
+        with pytest.raises(UserError) as exc:
+            parse_dimension("head.dropout", expression).grid_values()
+        assert_one_line(exc, "grid sampler", "interval")
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ["choice(0.1", "interval(0.1)", "choice(]", "range(1,", "interval(0.1, 0.2"],
+)
+def test_malformed_expression(expression: str) -> None:
+    with pytest.raises(UserError) as exc:
+        parse_dimension("head.dropout", expression)
+    assert_one_line(exc, "malformed expression", expression)
+
+
+@pytest.mark.parametrize(
+    ("expression", "fragment"),
+    [
+        ("0.5", "fixed value"),
+        ("interval(0.5, 0.1)", "start < end"),
+        ("interval(0.3, 0.3)", "start < end"),
+        ("tag(log, interval(0.0, 1.0))", "start > 0"),
+    ],
+)
+def test_bad_dimensions(expression: str, fragment: str) -> None:
+    with pytest.raises(UserError) as exc:
+        parse_dimension("head.dropout", expression)
+    assert_one_line(exc, "head.dropout", fragment)
+
+
+# --- sweep files ---------------------------------------------------------------------------
+
+
+def test_load_by_path(spec_file) -> None:
+    spec = load_sweep(str(spec_file()))
+    assert spec.name == "spec"
+    assert spec.settings.study_name == "spec"  # defaults to the file's name
+    assert spec.base == ("data=digits", "backbone.weights=null")
+    assert spec.space == (Dimension("head.dropout", "categorical", choices=(0.1, 0.3)),)
+    assert spec.settings.resolved_direction == "maximize"
+
+
+def test_yaml_list_is_a_choice(spec_file) -> None:
+    spec = load_sweep(str(spec_file(space={"head.dense_units": [16, 32]})))
+    assert spec.space == (Dimension("head.dense_units", "categorical", choices=(16, 32)),)
+
+
+def test_plus_key_in_base_composes(spec_file) -> None:
+    base = {"backbone": "mobilenet_v2", "+backbone.options.alpha": 0.35}
+    spec = load_sweep(str(spec_file(base=base)))
+    assert "+backbone.options.alpha=0.35" in spec.base
+    cfg = load_config(spec.trial_overrides({"head.dropout": 0.3}))
+    assert cfg.backbone.options == {"alpha": 0.35}
+    assert cfg.backbone.architecture == "MobileNetV2"
+    assert cfg.head.dropout == 0.3
+
+
+def test_trial_overrides_are_base_then_params() -> None:
+    spec = load_sweep("quickstart")
+    overrides = spec.trial_overrides({"head.dropout": 0.30000000000000004, "optimizer": "adamw"})
+    assert overrides[: len(spec.base)] == list(spec.base)
+    assert overrides[len(spec.base) :] == ["head.dropout=0.3", "optimizer=adamw"]
+    cfg = load_config(overrides)
+    assert (cfg.head.dropout, cfg.optimizer.name) == (0.3, "adamw")
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (None, "k=null"),
+        (True, "k=true"),
+        (3, "k=3"),
+        (0.1 + 0.2, "k=0.3"),
+        ("resnet50", "k=resnet50"),
+        ("/data/my photos", "k='/data/my photos'"),
+        ([1, 2], "k=[1,2]"),
+    ],
+)
+def test_to_override(value, text: str) -> None:
+    assert to_override("k", value) == text
+
+
+def test_direction_defaults_follow_the_metric() -> None:
+    assert SweepSettings(metric="val_accuracy").resolved_direction == "maximize"
+    assert SweepSettings(metric="val_loss").resolved_direction == "minimize"
+    assert SweepSettings(metric="val_loss", direction="maximize").resolved_direction == "maximize"
+
+
+# --- command-line refinements ----------------------------------------------------------------
+
+
+def test_cli_settings(spec_file) -> None:
+    url = "postgresql://user:s3cret@db.example.com:5432/optuna"
+    spec = load_sweep(
+        str(spec_file()),
+        [
+            "sweep.n_trials=40",
+            f"sweep.storage={url}",
+            "sweep.sampler=random",
+            "sweep.pruner_options={n_startup_trials: 1}",
+            "sweep.timeout=null",
+            "sweep.metric=val_loss",
+        ],
+    )
+    s = spec.settings
+    assert s.n_trials == 40 and isinstance(s.n_trials, int)
+    assert s.storage == url  # ':' and '@' survive, unescaped
+    assert s.sampler == "random"
+    assert s.pruner_options == {"n_startup_trials": 1}
+    assert s.timeout is None
+    assert s.resolved_direction == "minimize"
+
+
+def test_cli_dimension_added_and_replaced(spec_file) -> None:
+    spec = load_sweep(
+        str(spec_file()),
+        [
+            "head.dropout=interval(0.0, 0.5)",
+            "backbone=choice(resnet50, vgg16)",
+            "optimizer.learning_rate=tag(log, interval(1e-5, 1e-3))",
+        ],
+    )
+    dims = {d.key: d for d in spec.space}
+    assert list(dims) == ["head.dropout", "backbone", "optimizer.learning_rate"]
+    assert dims["head.dropout"] == Dimension("head.dropout", "float", low=0.0, high=0.5)
+    assert dims["backbone"].choices == ("resnet50", "vgg16")
+    assert dims["optimizer.learning_rate"].log
+
+
+def test_cli_plain_value_fixes_a_searched_key(spec_file) -> None:
+    spec = load_sweep(
+        str(spec_file(space={"head.dropout": "choice(0.1, 0.3)", "head.dense_units": [8, 16]})),
+        ["head.dropout=0.2", "train.epochs=3"],
+    )
+    assert [d.key for d in spec.space] == ["head.dense_units"]
+    assert spec.base[-2:] == ("head.dropout=0.2", "train.epochs=3")
+    cfg = load_config(spec.trial_overrides({"head.dense_units": 8}))
+    assert (cfg.head.dropout, cfg.train.epochs, cfg.head.dense_units) == (0.2, 3, 8)
+
+
+# --- refusals ------------------------------------------------------------------------------
+
+
+def test_unknown_sweep_lists_the_available_ones() -> None:
+    with pytest.raises(UserError) as exc:
+        load_sweep("no_such_sweep")
+    assert_one_line(exc, "no_such_sweep", *SHIPPED)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["sweep.sampler=annealing"], ("sweep.sampler=annealing", "tpe", "grid")),
+        (["sweep.pruner=always"], ("sweep.pruner=always", "median", "hyperband")),
+        (["sweep.metric=f1"], ("sweep.metric=f1", "val_accuracy", "val_loss")),
+        (["sweep.n_trials=0"], ("sweep.n_trials=0", ">= 1")),
+        (["sweep.n_trials=-3"], ("sweep.n_trials=-3", ">= 1")),
+        (["sweep.n_trials=many"], ("sweep.n_trials", "many")),
+        (["sweep.direction=up"], ("sweep.direction=up", "maximize")),
+        (["sweep.timeout=0"], ("sweep.timeout",)),
+        (["head.nonexistent=choice(1, 2)"], ("head.nonexistent", "not in the config")),
+        (["backbone=choice(resnet50, nonet)"], ("nonet", "resnet50")),
+        (["sweep.sampler=grid", "head.dropout=interval(0.1, 0.5)"], ("grid", "interval")),
+        (["head.dropout=choice(0.1"], ("malformed expression", "head.dropout=choice(0.1")),
+        (["head.dropout=0.2"], ("search space is empty",)),
+    ],
+)
+def test_bad_sweeps_are_refused(spec_file, overrides: list[str], fragments: tuple[str]) -> None:
+    with pytest.raises(UserError) as exc:
+        load_sweep(str(spec_file()), overrides)
+    assert_one_line(exc, *fragments)
+
+
+def test_empty_search_space_in_file(spec_file) -> None:
+    with pytest.raises(UserError) as exc:
+        load_sweep(str(spec_file(space={})))
+    assert_one_line(exc, "search space is empty")
+
+
+def test_unknown_section_and_bad_yaml(tmp_path: Path) -> None:
+    bad = sweep_file(tmp_path, {"search_space": {"head.dropout": "[0.1]"}, "extra": 1}, "bad")
+    with pytest.raises(UserError) as exc:
+        load_sweep(str(bad))
+    assert_one_line(exc, "extra")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("search_space: [unclosed\n")
+    with pytest.raises(UserError) as exc:
+        load_sweep(str(broken))
+    assert_one_line(exc, "not valid YAML")
+
+
+# --- the shipped sweeps --------------------------------------------------------------------
+
+
+def test_shipped_sweeps_are_listed() -> None:
+    assert set(SHIPPED) <= set(available_sweeps())
+    assert all((sweeps_dir() / f"{name}.yaml").is_file() for name in SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_sweep_loads(name: str) -> None:
+    spec = load_sweep(name)
+    assert spec.name == name and spec.settings.study_name == name
+    assert spec.space
+    load_config(spec.base)  # the base composes and validates on its own
+
+
+def test_head_grid_is_the_reference_grid() -> None:
+    spec = load_sweep("head_grid")
+    grid = {d.key: sorted(d.grid_values()) for d in spec.space}
+    assert grid == {
+        "head.dense_units": [256, 512],
+        "head.dropout": [0.1, 0.3],
+        "train.batch_size": [10, 30],
+    }
+    assert spec.settings.sampler == "grid"
+    assert spec.settings.n_trials == 8 == 2 * 2 * 2
+    cfg = load_config(spec.base)
+    assert cfg.backbone.name == "resnet50"
+    assert cfg.backbone.weights == "imagenet"
+    assert cfg.head.pooling == "flatten"
+    assert (cfg.data.source, cfg.data.name) == ("keras", "cifar10")
+    assert (cfg.data.train_limit, cfg.data.test_limit) == (2000, 2000)
+    assert cfg.train.epochs == 5
+    assert cfg.optimizer.name == "adam"
+
+
+def test_quickstart_is_offline_and_pruned() -> None:
+    spec = load_sweep("quickstart")
+    cfg = load_config(spec.base)
+    assert cfg.data.source == "digits"
+    assert cfg.backbone.weights is None
+    assert spec.settings.n_trials >= 8
+    assert spec.settings.pruner != "none"
+
+
+def test_sweeps_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    sweep_file(folder, {"search_space": {"head.dropout": "choice(0.1, 0.2)"}}, "custom")
+    monkeypatch.setenv("TLSWEEP_SWEEPS_DIR", str(folder))
+    assert available_sweeps() == ["custom"]
+    assert load_sweep("custom").settings.study_name == "custom"

@@ -1,0 +1,255 @@
+"""One tracked run (tlsweep.experiment.run) as recorded in MLflow; failed runs; the store URI.
+
+The finished run is made once (module fixture, its own SQLite store) and inspected with an
+MlflowClient bound to that store.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+
+from tlsweep import experiment, tracking
+from tlsweep.config import Config, TrackingConfig, flatten, to_config
+from tlsweep.data import load_data
+from tlsweep.experiment import RunResult
+
+EPOCHS = 2
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+
+
+@dataclass
+class Tracked:
+    uri: str
+    cfg: Config
+    result: RunResult
+    client: MlflowClient
+    root: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.result.run_id
+
+    def download(self, path: str, dst: Path) -> Path:
+        dst.mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(self.run_id, path, str(dst)))
+
+
+@contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide URI (used to resolve runs:/ URIs) pointed at ``uri`` for a while."""
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # back to $MLFLOW_TRACKING_URI
+
+
+@pytest.fixture(scope="module")
+def tracked(
+    tmp_path_factory: pytest.TempPathFactory, make_shared_config: Callable[..., Config]
+) -> Tracked:
+    root = tmp_path_factory.mktemp("tracked")
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    cfg = make_shared_config(f"train.epochs={EPOCHS}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        result = experiment.run(cfg)
+    return Tracked(uri, cfg, result, MlflowClient(tracking_uri=uri), root)
+
+
+def _all_runs(client: MlflowClient) -> list:
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids)
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+# --- the finished run ----------------------------------------------------------------------
+
+
+def test_exactly_one_finished_run(tracked: Tracked) -> None:
+    runs = _all_runs(tracked.client)
+    assert [r.info.run_id for r in runs] == [tracked.run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.info.end_time is not None
+    assert "mobilenet_v2" in run.info.run_name
+    assert tracked.client.get_experiment(run.info.experiment_id).name == "tlsweep"
+
+
+def test_params_hold_the_config_data_model_and_versions(tracked: Tracked) -> None:
+    params = tracked.client.get_run(tracked.run_id).data.params
+    flat = flatten(tracked.cfg)
+    assert set(flat) <= set(params)
+    assert params["head.dense_units"] == "16"
+    assert params["train.epochs"] == str(EPOCHS)
+    assert params["backbone.name"] == "mobilenet_v2"
+    assert float(params["backbone.options.alpha"]) == 0.35
+    data = load_data(tracked.cfg.data, tracked.cfg.backbone.input_size)
+    assert params["data.fingerprint"] == data.fingerprint
+    assert params["data.num_classes"] == "10"
+    assert params["data.n_train"] == str(len(data.train)) == "1077"
+    assert params["data.n_val"] == str(len(data.val)) == "270"
+    assert params["data.n_test"] == str(len(data.test)) == "450"
+    model = tracked.result.train_result.model
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert params["model.trainable_params"] == str(trainable)
+    assert params["model.total_params"] == str(model.count_params())
+    for package in ("tensorflow", "keras", "optuna", "mlflow"):
+        assert params[f"version.{package}"] == metadata.version(package)
+
+
+def test_per_epoch_metrics(tracked: Tracked) -> None:
+    history = tracked.result.train_result.history
+    assert len(history) == EPOCHS
+    for key in EPOCH_METRICS:
+        logged = sorted(
+            tracked.client.get_metric_history(tracked.run_id, key), key=lambda m: m.step
+        )
+        assert [m.step for m in logged] == list(range(1, EPOCHS + 1)), key
+        assert [m.value for m in logged] == pytest.approx(history[key].tolist(), rel=1e-6), key
+
+
+def test_final_metrics(tracked: Tracked) -> None:
+    metrics = tracked.client.get_run(tracked.run_id).data.metrics
+    final = tracked.result.metrics
+    for key in ("accuracy", "loss", "f1_macro", "precision_macro", "recall_macro"):
+        assert metrics[f"best_val_{key}"] == pytest.approx(final[f"val_{key}"])
+        assert metrics[f"test_{key}"] == pytest.approx(final[f"test_{key}"])
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert metrics["best_epoch"] == tracked.result.train_result.best_epoch
+
+
+def test_artifacts(tracked: Tracked) -> None:
+    found = _artifacts(tracked.client, tracked.run_id)
+    for path in (
+        "config.yaml",
+        "history.csv",
+        "evaluation/test_confusion_matrix.png",
+        "evaluation/test_confusion_matrix.csv",
+        "evaluation/test_classification_report.txt",
+        "evaluation/val_confusion_matrix.csv",
+    ):
+        assert path in found, path
+    assert any(p.startswith("model/") for p in found)
+
+
+def test_config_artifact_rebuilds_the_config(tracked: Tracked, tmp_path: Path) -> None:
+    text = tracked.download("config.yaml", tmp_path).read_text()
+    assert to_config(OmegaConf.create(text)) == tracked.cfg
+
+
+def test_history_artifact(tracked: Tracked, tmp_path: Path) -> None:
+    history = pd.read_csv(tracked.download("history.csv", tmp_path))
+    expected = tracked.result.train_result.history
+    assert history["epoch"].tolist() == list(range(1, EPOCHS + 1))
+    assert set(EPOCH_METRICS) <= set(history.columns)
+    for key in EPOCH_METRICS:
+        assert history[key].tolist() == pytest.approx(expected[key].tolist(), rel=1e-6)
+
+
+def test_confusion_matrix_and_report_artifacts(tracked: Tracked, tmp_path: Path) -> None:
+    names = [str(i) for i in range(10)]
+    table = pd.read_csv(
+        tracked.download("evaluation/test_confusion_matrix.csv", tmp_path), index_col=0
+    )
+    assert [str(c) for c in table.columns] == names
+    assert [str(i) for i in table.index] == names
+    expected = tracked.result.train_result.evaluations["test"].confusion
+    np.testing.assert_array_equal(table.to_numpy(), expected)
+    assert table.to_numpy().sum() == 450
+    png = tracked.download("evaluation/test_confusion_matrix.png", tmp_path).read_bytes()
+    assert png.startswith(b"\x89PNG")
+    report = tracked.download("evaluation/test_classification_report.txt", tmp_path).read_text()
+    for word in ("precision", "recall", "f1-score", *names):
+        assert word in report
+    found = _artifacts(tracked.client, tracked.run_id)
+    if "evaluation/test_classification_report.json" in found:
+        path = tracked.download("evaluation/test_classification_report.json", tmp_path)
+        assert set(names) <= set(json.loads(path.read_text()))
+
+
+@pytest.mark.filterwarnings("ignore:The structure of `inputs`:UserWarning")
+def test_logged_model_predicts_probabilities(tracked: Tracked) -> None:
+    images = np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)).astype("float32")
+    with _tracking_uri(tracked.uri):
+        model = mlflow.pyfunc.load_model(f"runs:/{tracked.run_id}/model")
+    probabilities = np.asarray(model.predict(images))
+    assert probabilities.shape == (5, 10)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert (probabilities >= 0).all()
+    direct = np.asarray(tracked.result.train_result.model.predict(images, verbose=0))
+    np.testing.assert_allclose(probabilities, direct, rtol=1e-5, atol=1e-6)
+
+
+# --- runs that do not finish ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exception", "status"),
+    [
+        (RuntimeError("boom in training"), "FAILED"),
+        pytest.param(KeyboardInterrupt(), "KILLED", marks=pytest.mark.slow),
+    ],
+)
+def test_a_run_that_raises_is_never_left_running(
+    make_config: Callable[..., Config],
+    monkeypatch: pytest.MonkeyPatch,
+    store_runs: Callable[..., list],
+    exception: BaseException,
+    status: str,
+) -> None:
+    def explode(*args: object, **kwargs: object) -> None:
+        raise exception
+
+    monkeypatch.setattr(experiment, "train", explode)
+    with pytest.raises(type(exception)):
+        experiment.run(make_config("data.train_limit=60", "data.test_limit=30"))
+    runs = store_runs()
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == status
+    assert run.info.end_time is not None
+    assert type(exception).__name__ in run.data.tags["error"]
+    assert str(exception) in run.data.tags["error"]
+
+
+# --- where runs are stored -----------------------------------------------------------------
+
+
+def test_default_tracking_uri_is_sqlite_under_mlruns(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    expected = f"sqlite:///{(tmp_path / 'mlruns' / 'mlflow.db').resolve()}"
+    assert tracking.tracking_uri() == expected
+    assert tracking.tracking_uri(TrackingConfig()) == expected
+
+
+def test_environment_then_config_tracking_uri(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from_env = f"sqlite:///{tmp_path / 'env.db'}"
+    from_cfg = f"sqlite:///{tmp_path / 'cfg.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", from_env)
+    assert tracking.tracking_uri() == from_env
+    assert tracking.tracking_uri(TrackingConfig()) == from_env
+    assert tracking.tracking_uri(replace(TrackingConfig(), uri=from_cfg)) == from_cfg

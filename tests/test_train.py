@@ -1,0 +1,238 @@
+"""Training: determinism, early stopping with the best weights restored, fine-tuning, evaluation.
+
+One shared run (module fixture) of the tiny config with early stopping (patience 1) and a
+two-epoch fine-tuning stage; a second identical run (slow) checks that training repeats exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, confusion_matrix, log_loss
+
+from tlsweep.config import Config
+from tlsweep.data import ImageData, batches, load_data
+from tlsweep.model import backbone_of, build_classifier
+from tlsweep.train import TrainResult, configure_devices, seed_everything, train
+
+SHARED = (
+    "train.epochs=5",
+    "train.early_stopping.patience=1",
+    "train.fine_tune.epochs=2",
+    "train.fine_tune.unfreeze_layers=5",
+)
+
+
+class WeightRecorder(keras.callbacks.Callback):
+    """Every variable of the model at the end of every epoch (epochs numbered from 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epochs: dict[int, dict[str, np.ndarray]] = {}
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.epochs[epoch + 1] = _snapshot(self.model)
+
+
+def _snapshot(model: keras.Model) -> dict[str, np.ndarray]:
+    return {v.path: keras.ops.convert_to_numpy(v).copy() for v in model.weights}
+
+
+@dataclass
+class Trained:
+    cfg: Config
+    data: ImageData
+    model: keras.Model
+    result: TrainResult
+    initial: dict[str, np.ndarray]
+    epochs: dict[int, dict[str, np.ndarray]]
+
+    @property
+    def history(self) -> pd.DataFrame:
+        return self.result.history
+
+
+def train_fresh(cfg: Config) -> Trained:
+    """Seeds, data, model and training, in the order a run uses them."""
+    keras.backend.clear_session()
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    configure_devices(cfg.train.mixed_precision)
+    data = load_data(cfg.data, cfg.backbone.input_size)
+    model = build_classifier(cfg.backbone, cfg.head, data.num_classes)
+    initial = _snapshot(model)
+    recorder = WeightRecorder()
+    result = train(cfg, data, model, [recorder])
+    return Trained(cfg, data, model, result, initial, recorder.epochs)
+
+
+@pytest.fixture(scope="module")
+def trained(make_shared_config: Callable[..., Config]) -> Trained:
+    return train_fresh(make_shared_config(*SHARED))
+
+
+def _stages(history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return history[history["stage"] == "head"], history[history["stage"] == "fine_tune"]
+
+
+# --- history -------------------------------------------------------------------------------
+
+
+def test_history_has_one_row_per_epoch(trained: Trained) -> None:
+    history = trained.history
+    for column in ("epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy"):
+        assert column in history.columns
+    assert "learning_rate" in history.columns
+    assert history["epoch"].tolist() == list(range(1, len(history) + 1))
+    assert history[["loss", "val_loss", "accuracy", "val_accuracy"]].notna().all().all()
+    assert set(trained.epochs) == set(history["epoch"])
+
+
+def test_fine_tuning_epochs_continue_after_the_head_stage(trained: Trained) -> None:
+    head, tuned = _stages(trained.history)
+    assert len(head) >= 1
+    assert len(tuned) == trained.cfg.train.fine_tune.epochs == 2
+    # head rows first, then fine-tuning rows numbered on from where the head stage stopped
+    assert trained.history["stage"].tolist() == ["head"] * len(head) + ["fine_tune"] * 2
+    assert tuned["epoch"].tolist() == [len(head) + 1, len(head) + 2]
+
+
+def test_learning_rate_is_logged_per_stage(trained: Trained) -> None:
+    head, tuned = _stages(trained.history)
+    assert head["learning_rate"].tolist() == pytest.approx([1e-3] * len(head), rel=1e-6)
+    assert tuned["learning_rate"].tolist() == pytest.approx([1e-5] * len(tuned), rel=1e-6)
+
+
+# --- early stopping and the best weights ---------------------------------------------------
+
+
+def test_early_stopping_stops_the_head_stage(trained: Trained) -> None:
+    head, _ = _stages(trained.history)
+    assert len(head) < trained.cfg.train.epochs, "expected val_accuracy to stall (patience 1)"
+    best_in_head = int(np.argmax(head["val_accuracy"].to_numpy())) + 1
+    assert len(head) == best_in_head + trained.cfg.train.early_stopping.patience
+
+
+def test_best_epoch_is_the_best_val_accuracy(trained: Trained) -> None:
+    history, result = trained.history, trained.result
+    values = history["val_accuracy"].to_numpy()
+    assert result.best_epoch == int(np.argmax(values)) + 1  # the first epoch reaching the max
+    assert result.best_value == pytest.approx(values.max())
+    assert result.evaluations["val"].accuracy == pytest.approx(values.max(), abs=1e-6)
+    assert result.metrics["val_accuracy"] == pytest.approx(values.max(), abs=1e-6)
+
+
+def test_best_weights_are_restored(trained: Trained) -> None:
+    best = trained.epochs[trained.result.best_epoch]
+    last = trained.epochs[max(trained.epochs)]
+    final = _snapshot(trained.model)
+    assert trained.result.best_epoch < max(trained.epochs), "expected a best epoch before the end"
+    assert any(not np.array_equal(best[k], last[k]) for k in best)
+    for key, value in final.items():
+        np.testing.assert_array_equal(value, best[key], err_msg=key)
+
+
+# --- fine-tuning ---------------------------------------------------------------------------
+
+
+def test_fine_tuning_recompiles_with_a_fresh_optimizer(trained: Trained) -> None:
+    optimizer = trained.model.optimizer
+    lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    assert lr == pytest.approx(trained.cfg.train.fine_tune.learning_rate)
+    steps = math.ceil(len(trained.data.train) / trained.cfg.train.batch_size)
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 2 * steps
+
+
+def test_fine_tuning_trains_the_top_but_never_batchnorm(trained: Trained) -> None:
+    backbone = backbone_of(trained.model)
+    batchnorm = [x for x in backbone.layers if isinstance(x, keras.layers.BatchNormalization)]
+    assert not any(layer.trainable for layer in batchnorm)
+    unfrozen = [layer for layer in backbone.layers if layer.trainable and layer.weights]
+    assert 1 <= len(unfrozen) <= trained.cfg.train.fine_tune.unfreeze_layers
+    unfrozen_paths = {w.path for layer in unfrozen for w in layer.weights}
+    backbone_paths = {w.path for w in backbone.weights}
+    head_rows, _ = _stages(trained.history)
+    end_of_head = trained.epochs[len(head_rows)]
+    end_of_tuning = trained.epochs[max(trained.epochs)]
+    changed = {
+        path
+        for path in backbone_paths
+        if not np.array_equal(trained.initial[path], end_of_tuning[path])
+    }
+    assert changed, "fine-tuning changed no backbone weight"
+    assert changed <= unfrozen_paths  # BatchNorm statistics and frozen layers never move
+    for path in backbone_paths:  # the head stage moved no backbone weight at all
+        np.testing.assert_array_equal(end_of_head[path], trained.initial[path], err_msg=path)
+    counts = trained.result.parameter_counts
+    assert counts["trainable_params"] > 16 * 1280 + 16 + 16 * 10 + 10
+
+
+# --- evaluation ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_evaluation_matches_sklearn(trained: Trained, split: str) -> None:
+    evaluation = trained.result.evaluations[split]
+    part = getattr(trained.data, split)
+    names = trained.data.class_names
+    n = len(names)
+    probabilities = trained.model.predict(batches(part, 64), verbose=0).astype("float64")
+    probabilities /= probabilities.sum(axis=1, keepdims=True)  # float32 rounding
+    predicted = probabilities.argmax(axis=1)
+    assert evaluation.confusion.shape == (n, n)
+    assert evaluation.confusion.sum() == len(part)
+    np.testing.assert_array_equal(
+        evaluation.confusion.sum(axis=1), np.bincount(part.labels, minlength=n)
+    )
+    np.testing.assert_array_equal(
+        evaluation.confusion, confusion_matrix(part.labels, predicted, labels=range(n))
+    )
+    assert evaluation.accuracy == pytest.approx(accuracy_score(part.labels, predicted))
+    assert evaluation.accuracy == pytest.approx(np.trace(evaluation.confusion) / len(part))
+    assert evaluation.loss == pytest.approx(
+        log_loss(part.labels, probabilities, labels=range(n)), rel=1e-4
+    )
+    report = evaluation.report
+    for index, name in enumerate(names):
+        assert set(report[name]) >= {"precision", "recall", "f1-score", "support"}
+        assert report[name]["support"] == int((part.labels == index).sum())
+        assert name in evaluation.report_text
+    assert report["accuracy"] == pytest.approx(evaluation.accuracy)
+    metrics = evaluation.metrics(split)
+    assert metrics[f"{split}_accuracy"] == evaluation.accuracy
+    assert metrics[f"{split}_f1_macro"] == pytest.approx(report["macro avg"]["f1-score"])
+    assert set(metrics) == {
+        f"{split}_{m}" for m in ("loss", "accuracy", "precision_macro", "recall_macro", "f1_macro")
+    }
+
+
+# --- determinism ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # a second full training (~25 s); the CLI end-to-end test repeats a run too
+def test_same_config_trains_identically(
+    trained: Trained, make_shared_config: Callable[..., Config]
+) -> None:
+    again = train_fresh(make_shared_config(*SHARED))
+    pd.testing.assert_frame_equal(again.history, trained.history, check_exact=True)
+    assert again.result.metrics == trained.result.metrics
+    assert again.result.metrics["test_accuracy"] == trained.result.metrics["test_accuracy"]
+    assert again.result.best_epoch == trained.result.best_epoch
+    for key, value in _snapshot(again.model).items():
+        np.testing.assert_array_equal(value, _snapshot(trained.model)[key], err_msg=key)
+
+
+@pytest.mark.slow
+def test_another_seed_trains_differently(
+    trained: Trained, make_shared_config: Callable[..., Config]
+) -> None:
+    """The control for the determinism test: the comparison does see differences."""
+    other = train_fresh(make_shared_config(*SHARED, "seed=7"))
+    assert other.history["loss"].iloc[0] != trained.history["loss"].iloc[0]
+    assert other.result.evaluations["test"].loss != trained.result.evaluations["test"].loss
