@@ -37,6 +37,7 @@ format: $(STAMP)
 
 bench: $(STAMP)  ## benchmarks (not part of the tests); figures go to bench/RESULTS.md
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.load
 
 ui: $(STAMP)
 	$(BIN)/tlsweep ui

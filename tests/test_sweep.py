@@ -19,7 +19,8 @@ from tlsweep.sweep import (
     FAIL_REASON_ATTR,
     RUN_ID_ATTR,
     SweepSummary,
-    _EpochReporter,
+    _run,
+    _samplers,
     make_pruner,
     make_sampler,
     open_storage,
@@ -27,6 +28,7 @@ from tlsweep.sweep import (
     run_sweep,
     suggest,
 )
+from tlsweep.sweep._objective import EpochReporter
 from tlsweep.sweepspec import Dimension, SweepSettings, load_sweep, parse_dimension, with_settings
 
 # --- the epoch reporter --------------------------------------------------------------------------
@@ -50,7 +52,7 @@ class FakeModel:
 
 def reporter_after(values, metric="val_accuracy", direction="maximize", prune_at=None):
     trial = FakeTrial(prune_at)
-    reporter = _EpochReporter(trial, metric, direction)  # type: ignore[arg-type]
+    reporter = EpochReporter(trial, metric, direction)  # type: ignore[arg-type]
     reporter.set_model(FakeModel())
     for epoch, value in enumerate(values):
         reporter.on_epoch_end(epoch, {metric: value, "loss": 9.0})
@@ -252,7 +254,7 @@ class StandInObjective:
 @pytest.fixture
 def stand_in(monkeypatch: pytest.MonkeyPatch) -> type[StandInObjective]:
     monkeypatch.setattr(StandInObjective, "calls", [])
-    monkeypatch.setattr(sweep, "_Objective", StandInObjective)
+    monkeypatch.setattr(_run, "Objective", StandInObjective)
     return StandInObjective
 
 
@@ -483,7 +485,7 @@ def faulty(tmp_path_factory, write_sweep) -> Swept:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setattr(sweep, "make_pruner", lambda settings: AlwaysPrune())
+        mp.setattr(_samplers, "make_pruner", lambda settings: AlwaysPrune())
         summary = run_sweep(load_sweep(str(path)))
     return Swept(uri, storage, summary, summary, [])
 
@@ -525,3 +527,24 @@ def test_pruned_trial_keeps_its_run_and_metrics(faulty: Swept) -> None:
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["trials_pruned"] == 1
     assert parent.data.metrics["trials_fail"] == 1
+
+
+def test_a_resumed_random_sweep_does_not_redraw_its_first_values(tiny_spec, stand_in) -> None:
+    """Each session seeds its sampler with seed + session number: the same seed twice would
+    make a resumed sweep (or a second worker) repeat the first session's draws."""
+    run_sweep(
+        tiny_spec(
+            settings={"sampler": "random", "n_trials": 2},
+            space={"head.dropout": "interval(0.0, 0.5)"},
+        )
+    )
+    spec = tiny_spec(
+        settings={"sampler": "random", "n_trials": 4}, space={"head.dropout": "interval(0.0, 0.5)"}
+    )
+    run_sweep(spec)
+    values = [
+        t.params["head.dropout"] for t in sweep.load_study("tiny", spec.settings.storage).trials
+    ]
+    assert len(values) == 4
+    assert values[2:] != values[:2]
+    assert len(set(values)) == 4

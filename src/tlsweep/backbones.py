@@ -181,8 +181,9 @@ class BackboneCache:
         if key in self._entries:
             self._entries.move_to_end(key)
             backbone, weights, digest = self._entries[key]
-            backbone.set_weights(weights)
-            backbone.trainable = False
+            if backbone.trainable:  # a fine-tuning stage unfroze (and changed) it
+                backbone.set_weights(weights)
+                backbone.trainable = False
             return backbone, digest
         backbone = build_backbone(cfg)
         digest = weights_digest(backbone)

@@ -92,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="sweep.KEY=VALUE settings, KEY=choice(...) dimensions, base overrides",
     )
+    sweep.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes on this machine, on the same study (default 1)",
+    )
+    sweep.add_argument(
+        "--gpus",
+        metavar="LIST",
+        help="one worker per listed GPU, e.g. 0,1,3 (sets CUDA_VISIBLE_DEVICES)",
+    )
+    sweep.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
     runs = _command(commands, "runs", cmd_runs, "the leaderboard of a sweep, best first")
     runs.add_argument("name", nargs="?", metavar="NAME", help="a sweep (study) name; none: list")
@@ -167,12 +180,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from tlsweep.sweepspec import load_sweep
 
+    gpus = _gpu_list(args.gpus)
+    if args.workers < 1:
+        raise UserError(f"--workers={args.workers} is not allowed: must be >= 1")
     spec = load_sweep(args.name, args.overrides)  # bad input is refused before TF loads
     _import_tensorflow_quietly()
-    from tlsweep.sweep import run_sweep
+    from tlsweep.sweep import run_sweep, run_worker, run_workers
 
-    summary = run_sweep(spec)
+    if args.worker:
+        run_worker(spec)
+        return 0
+    if gpus or args.workers > 1:
+        summary = run_workers(spec, [args.name, *args.overrides], args.workers, gpus)
+    else:
+        summary = run_sweep(spec)
     return 0 if summary.best_value is not None else 1
+
+
+def _gpu_list(text: str | None) -> list[str]:
+    if not text:
+        return []
+    gpus = [part.strip() for part in text.split(",")]
+    if not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
+        raise UserError(f"--gpus={text} is not allowed: distinct GPU indices like 0,1,3")
+    return gpus
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

@@ -12,17 +12,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import keras
+import yaml
 
 from tlsweep import tracking
 from tlsweep.backbones import BackboneCache
-from tlsweep.config import Config, DataConfig
+from tlsweep.config import Config, DataConfig, to_config
 from tlsweep.data import ImageData, load_data
 from tlsweep.features import cached_features
-from tlsweep.model import build_classifier, parameter_counts
+from tlsweep.model import build_classifier, head_of, parameter_counts
 from tlsweep.train import TrainResult, configure_devices, seed_everything, train
 
 DataLoader = Callable[[DataConfig, int], ImageData]
 ModelPolicy = bool | Callable[[TrainResult], bool] | None
+WEIGHTS_DIGEST_PARAM = "backbone.weights_sha256"
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ def execute(
     """Train a prepared model inside the run ``run_id`` and record everything.
 
     ``log_model``: None follows ``tracking.log_model``; a callable decides from the result.
+    When the backbone stayed frozen, a sweep's best-so-far trial stores only its head's weights
+    (``stored_model="head"``): `materialize_model` assembles the full model when it is needed.
     """
     data, model = prepared.data, prepared.model
     features = (
@@ -82,17 +86,47 @@ def execute(
         data,
         parameter_counts(model),
         feature_cache=features.status if features else "off",
+        extra={WEIGHTS_DIGEST_PARAM: prepared.backbone_digest},
     )
     result = train(cfg, data, model, [tracking.EpochLogger(run_id), *callbacks], features)
     keep_model = log_model(result) if callable(log_model) else log_model
-    tracking.log_result(
-        run_id,
-        result,
-        data,
-        cfg,
-        log_model=cfg.tracking.log_model if keep_model is None else keep_model,
-    )
+    # A sweep's predicate (callable) picks best-so-far trials: their head suffices unless the
+    # backbone was fine-tuned. None or a bool: the whole model or nothing.
+    if keep_model is None:
+        stored = "full" if cfg.tracking.log_model else "none"
+    elif keep_model:
+        stored = "full" if result.backbone_changed or not callable(log_model) else "head"
+    else:
+        stored = "none"
+    tracking.log_result(run_id, result, data, cfg, stored_model=stored)
     return result
+
+
+def materialize_model(run_id: str) -> str | None:
+    """The URI of ``run_id``'s full raw-image model, logging it first if the run stored only
+    its head: the backbone is rebuilt from the logged config, checked against the weight hash
+    the run recorded, and joined with the head's trained weights. None: the run has neither."""
+    record = tracking.run_record(run_id)
+    if uri := record["tags"].get(tracking.MODEL_URI_TAG):
+        return uri
+    head_weights = tracking.download_head_weights(run_id)
+    if head_weights is None:
+        return None
+    cfg = to_config(yaml.safe_load(record["config_yaml"]))
+    keras.backend.clear_session()
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    configure_devices(cfg.train.mixed_precision)
+    backbone, digest = BackboneCache(capacity=0).get(cfg.backbone, cfg.seed)
+    if digest != record["params"].get(WEIGHTS_DIGEST_PARAM):
+        raise RuntimeError(
+            f"the rebuilt {cfg.backbone.name} backbone differs from run {run_id}'s "
+            "(weights file changed, or another Keras version); retrain with tlsweep reproduce"
+        )
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    class_names = tracking.class_names(run_id)
+    model = build_classifier(cfg.backbone, cfg.head, len(class_names), backbone=backbone)
+    head_of(model).load_weights(head_weights)
+    return tracking.log_keras_model(run_id, model, class_names)
 
 
 def run(

@@ -7,6 +7,7 @@ from typing import Any
 
 import keras
 from rich.console import Console
+from rich.markup import escape
 
 SHOWN = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -29,8 +30,14 @@ class SweepProgress:
     """A live line per trial (trial k/N, epoch, metric, best so far) and a closing summary."""
 
     def __init__(
-        self, n_trials: int, metric: str, maximize: bool = True, console: Console | None = None
+        self,
+        n_trials: int,
+        metric: str,
+        maximize: bool = True,
+        console: Console | None = None,
+        prefix: str = "",
     ) -> None:
+        self.prefix = escape(prefix)  # e.g. "[w2] " for one of several workers (not markup)
         self.n_trials = n_trials
         self.metric = metric
         self.maximize = maximize
@@ -48,7 +55,7 @@ class SweepProgress:
 
     def trial_started(self, number: int, params: Mapping[str, Any]) -> None:
         shown = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
-        self.console.print(f"trial {self._k()}/{self.n_trials} (#{number}) {shown}")
+        self.console.print(f"{self.prefix}trial {self._k()}/{self.n_trials} (#{number}) {shown}")
         self._status = self.console.status(f"trial {self._k()}/{self.n_trials} starting")
         self._status.start()
 
@@ -62,7 +69,8 @@ class SweepProgress:
         best = f"  best so far {self.best:.4f}" if self.best is not None else ""
         if self._status is not None:
             self._status.update(
-                f"trial {self._k()}/{self.n_trials}  epoch {epoch}/{total}  {shown}{best}"
+                f"{self.prefix}trial {self._k()}/{self.n_trials}  epoch {epoch}/{total}  "
+                f"{shown}{best}"
             )
 
     def trial_finished(
@@ -83,7 +91,9 @@ class SweepProgress:
         shown = f"{self.metric}={value:.4f}" if value is not None else (reason or "")[:160]
         best = f"  best {self.best:.4f}" if self.best is not None else ""
         color = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(state, "white")
-        self.console.print(f"  #{number} [{color}]{state}[/] {shown}{best}  {seconds:.1f}s")
+        self.console.print(
+            f"{self.prefix}  #{number} [{color}]{state}[/] {shown}{best}  {seconds:.1f}s"
+        )
 
     def finished(self, board: Any, best_value: float | None, champion_uri: str | None) -> None:
         self.console.rule(f"sweep {self.study_name}")

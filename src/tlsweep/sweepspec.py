@@ -52,7 +52,10 @@ class SweepSettings:
     pruner_options: dict[str, Any] = field(default_factory=dict)
     n_trials: int = 10
     timeout: float | None = None  # seconds for this invocation; null: no limit
-    storage: str | None = None  # null: sqlite:///mlruns/optuna.db
+    storage: str | None = None  # null: sqlite:///mlruns/optuna.db (a journal file for workers)
+    heartbeat_interval: int = 20  # seconds between a running trial's heartbeats (RDB storages)
+    grace_period: int | None = None  # silence after which a trial is lost; null: 4 heartbeats
+    max_retry: int = 2  # how often a lost trial (dead worker) is retried
 
     @property
     def resolved_direction(self) -> str:
@@ -185,6 +188,10 @@ def validate_sweep(spec: SweepSpec) -> None:
         )
     if s.n_trials < 1:
         raise UserError(f"sweep.n_trials={s.n_trials} is not allowed: must be >= 1")
+    if s.heartbeat_interval < 1 or (s.grace_period is not None and s.grace_period < 1):
+        raise UserError("sweep.heartbeat_interval and sweep.grace_period must be >= 1 second")
+    if s.max_retry < 0:
+        raise UserError(f"sweep.max_retry={s.max_retry} is not allowed: must be >= 0")
     if s.timeout is not None and s.timeout <= 0:
         raise UserError(f"sweep.timeout={s.timeout} is not allowed: seconds > 0, or null")
     if s.sampler == "grid":

@@ -38,6 +38,7 @@ DEFAULT_STORE_DIR = Path("mlruns")
 VERSIONED_PACKAGES = ("tensorflow", "keras", "optuna", "mlflow", "numpy", "tlsweep")
 MAX_PARAM_LENGTH = 6000
 MODEL_URI_TAG = "tlsweep.model_uri"
+HEAD_WEIGHTS = "head/head.weights.h5"
 LEADERBOARD_METRICS = (
     "test_accuracy",
     "test_loss",
@@ -163,11 +164,13 @@ def log_inputs(
     data: ImageData,
     counts: Mapping[str, int],
     feature_cache: str = "off",
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
     """Params: the flattened config, the data actually used, model size, versions, and the
     training path (``feature_cache``: hit, miss or off)."""
     params: dict[str, Any] = flatten(cfg)
     params["feature_cache"] = feature_cache
+    params.update(extra or {})
     params.update(
         {
             "data.fingerprint": data.fingerprint,
@@ -189,9 +192,10 @@ def log_inputs(
 
 
 def log_result(
-    run_id: str, result: TrainResult, data: ImageData, cfg: Config, log_model: bool = True
+    run_id: str, result: TrainResult, data: ImageData, cfg: Config, stored_model: str = "full"
 ) -> None:
-    """Final metrics, history, evaluation artifacts and (if asked) the full model."""
+    """Final metrics, history, evaluation artifacts and the model: ``stored_model`` is "full"
+    (the raw-image model), "head" (the head's weights only: small) or "none"."""
     client = mlflow.MlflowClient()
     final = {f"best_{k}" if k.startswith("val_") else k: v for k, v in result.metrics.items()}
     final.update(best_epoch=result.best_epoch, epochs_run=len(result.history))
@@ -203,8 +207,15 @@ def log_result(
         for split, evaluation in result.evaluations.items():
             _write_evaluation(folder / "evaluation", split, evaluation, data.class_names)
         client.log_artifacts(run_id, tmp)  # one upload for all of them
-    if log_model:
+    if stored_model == "full":
         log_keras_model(run_id, result.model, data.class_names)
+    elif stored_model == "head":
+        from tlsweep.model import head_of
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / HEAD_WEIGHTS.split("/")[-1]
+            head_of(result.model).save_weights(path)
+            client.log_artifact(run_id, str(path), HEAD_WEIGHTS.split("/")[0])
 
 
 def log_keras_model(
@@ -234,6 +245,19 @@ def log_keras_model(
     model_uri = f"runs:/{run_id}/{name}"
     client.set_tag(run_id, MODEL_URI_TAG, model_uri)
     return model_uri
+
+
+def download_head_weights(run_id: str) -> str | None:
+    """Local path of the run's head weights (a temporary download), or None."""
+    client = mlflow.MlflowClient()
+    if not any(f.path == HEAD_WEIGHTS for f in client.list_artifacts(run_id, "head")):
+        return None
+    return client.download_artifacts(run_id, HEAD_WEIGHTS, tempfile.mkdtemp(prefix="tlsweep-"))
+
+
+def class_names(run_id: str) -> list[str]:
+    """The class names a run was trained on (its ``data.json``)."""
+    return list(mlflow.artifacts.load_dict(f"runs:/{run_id}/data.json")["class_names"])
 
 
 def load_model(model_uri: str) -> Any:
@@ -290,6 +314,18 @@ def open_parent_run(experiment: str, run_id: str | None, tags: Mapping[str, str]
     run = client.create_run(experiment_id(experiment), run_name=experiment, tags=dict(tags))
     client.set_tag(run.info.run_id, "tlsweep.role", "sweep")
     return run.info.run_id
+
+
+def close_lost_run(run_id: str, reason: str) -> None:
+    """End the run of a trial whose worker died: FAILED, with the reason as its error."""
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return
+    set_tags(run_id, {"error": reason, "tlsweep.trial_state": "FAIL"})
+    if run.info.status == "RUNNING":
+        client.set_terminated(run_id, "FAILED")
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from tlsweep.config import Config, TrainConfig
-from tlsweep.data import ImageData, Split, batches
+from tlsweep.data import ImageData, batches
 from tlsweep.features import Features, feature_batches
 from tlsweep.model import (
     compile_classifier,
@@ -64,6 +64,7 @@ class TrainResult:
     best_epoch: int
     best_value: float
     parameter_counts: dict[str, int] = field(default_factory=dict)
+    backbone_changed: bool = False  # a fine-tuning stage ran
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -116,16 +117,21 @@ def train(
     history = fit_stages(model, cfg, data, shared, features)
     keeper.restore()
     backbone_changed = "fine_tune" in set(history["stage"])
-    evaluations = {}
-    for split in ("val", "test"):
-        part: Split = getattr(data, split)
-        if features is not None and not backbone_changed:
-            probabilities = head_of(model).predict(
-                feature_batches(getattr(features, split), part.labels, 256), verbose=0
-            )
-        else:
-            probabilities = model.predict(batches(part, cfg.train.batch_size), verbose=0)
-        evaluations[split] = evaluate(probabilities, part.labels, data.class_names)
+    splits = {name: getattr(data, name) for name in ("val", "test")}
+    if features is not None and not backbone_changed:  # one pass of the head over both splits
+        stacked = np.concatenate([features.val, features.test])
+        labels = np.concatenate([data.val.labels, data.test.labels])
+        probabilities = head_of(model).predict(feature_batches(stacked, labels, 256), verbose=0)
+        predicted = dict(zip(splits, np.split(probabilities, [len(data.val)]), strict=True))
+    else:
+        predicted = {
+            name: model.predict(batches(part, cfg.train.batch_size), verbose=0)
+            for name, part in splits.items()
+        }
+    evaluations = {
+        name: evaluate(predicted[name], part.labels, data.class_names)
+        for name, part in splits.items()
+    }
     return TrainResult(
         model=model,
         history=history,
@@ -133,6 +139,7 @@ def train(
         best_epoch=keeper.best_epoch + 1,
         best_value=keeper.best,
         parameter_counts=parameter_counts(model),
+        backbone_changed=backbone_changed,
     )
 
 

@@ -1,0 +1,137 @@
+"""The objective: one trial is one MLflow child run, reported to Optuna every epoch."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import keras
+import optuna
+from optuna.trial import TrialState
+
+from tlsweep import tracking
+from tlsweep.backbones import BackboneCache
+from tlsweep.config import Config, DataConfig, load_config, to_yaml
+from tlsweep.data import ImageData, load_data
+from tlsweep.experiment import execute, prepare
+from tlsweep.progress import SweepProgress
+from tlsweep.sweep._common import FAIL_REASON_ATTR, RUN_ID_ATTR, WORKER_ATTR
+from tlsweep.sweep._samplers import suggest
+from tlsweep.sweepspec import SweepSpec
+
+
+class Objective:
+    """Samples a trial's values, trains it as a child run, reports every epoch."""
+
+    def __init__(self, spec: SweepSpec, parent_run_id: str, progress: SweepProgress) -> None:
+        self.spec = spec
+        self.parent_run_id = parent_run_id
+        self.progress = progress
+        self.data = DataMemo()
+        self.backbones = BackboneCache()
+        self.worker = ""  # recorded on each trial, to find a dead worker's trials
+        self.on_start: Callable[[], None] = lambda: None  # called once the trial is RUNNING
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, self.worker)
+        self.on_start()
+        params = {dim.key: suggest(trial, dim) for dim in self.spec.space}
+        s = self.spec.settings
+        reporter = EpochReporter(trial, s.metric, s.resolved_direction)
+        tags = {
+            "tlsweep.study": s.study_name,
+            "tlsweep.trial_number": str(trial.number),
+            "tlsweep.trial_state": "RUNNING",
+            "tlsweep.sampled_params": json.dumps(params),
+        }
+        self.progress.trial_started(trial.number, params)
+        started = time.monotonic()
+        run_id = None
+        try:
+            with tracking.start_run(
+                s.study_name, f"trial-{trial.number}", parent_run_id=self.parent_run_id, tags=tags
+            ) as run_id:
+                trial.set_user_attr(RUN_ID_ATTR, run_id)
+                cfg = load_config(
+                    [*self.spec.trial_overrides(params), f"train.early_stopping.monitor={s.metric}"]
+                )
+                prepared = prepare(cfg, load=self.data.load, backbones=self.backbones)
+                callbacks = [reporter, self.progress.epoch_callback(trial.number, cfg)]
+                execute(
+                    run_id,
+                    cfg,
+                    prepared,
+                    callbacks,
+                    log_model=lambda _: (
+                        not reporter.stop_run and self._is_new_best(trial, reporter.best)
+                    ),
+                )
+                state = "PRUNED" if reporter.stop_run else "COMPLETE"
+                tracking.set_tags(run_id, {"tlsweep.trial_state": state})
+        except BaseException as exc:  # Ctrl-C too: Optuna records it as FAIL, so must we
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            reason = "interrupted (Ctrl-C)" if interrupted else f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr(FAIL_REASON_ATTR, reason[:2000])
+            if run_id:
+                tracking.set_tags(run_id, {"tlsweep.trial_state": "FAIL"})
+            self.progress.trial_finished(
+                trial.number, "FAIL", None, time.monotonic() - started, reason
+            )
+            raise
+        self.progress.trial_finished(trial.number, state, reporter.best, time.monotonic() - started)
+        if reporter.stop_run:
+            raise optuna.TrialPruned(f"pruned after epoch {reporter.last_step}")
+        return reporter.best
+
+    @staticmethod
+    def _is_new_best(trial: optuna.Trial, value: float) -> bool:
+        """Only a trial that beats every completed one stores a full model."""
+        completed = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not completed:
+            return True
+        best = [t.value for t in completed if t.value is not None]
+        if trial.study.direction == optuna.study.StudyDirection.MAXIMIZE:
+            return value > max(best)
+        return value < min(best)
+
+
+class EpochReporter(keras.callbacks.Callback):
+    """Reports the metric to Optuna every epoch; asks the pruner; tracks the best epoch."""
+
+    def __init__(self, trial: optuna.Trial, metric: str, direction: str) -> None:
+        super().__init__()
+        self.trial = trial
+        self.metric = metric
+        self.maximize = direction == "maximize"
+        self.best = float("-inf") if self.maximize else float("inf")
+        self.last_step = 0
+        self.stop_run = False
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        value = float((logs or {})[self.metric])
+        self.best = max(self.best, value) if self.maximize else min(self.best, value)
+        self.last_step = epoch + 1
+        self.trial.report(value, step=self.last_step)
+        if self.trial.should_prune():
+            self.stop_run = True
+            self.model.stop_training = True
+
+
+class DataMemo:
+    """Keeps the last loaded dataset: trials of one sweep usually share it."""
+
+    def __init__(self) -> None:
+        self._key: tuple[str, int] | None = None
+        self._data: ImageData | None = None
+
+    def load(self, cfg: DataConfig, input_size: int) -> ImageData:
+        key = (to_yaml(Config(data=cfg)), input_size)
+        if key != self._key or self._data is None:
+            self._data = load_data(cfg, input_size)
+            self._key = key
+        return self._data
+
+
+# --- summarising -----------------------------------------------------------------------------

@@ -1,0 +1,178 @@
+"""Running a sweep: open the study and its parent run, run trials until done, summarise.
+
+Every process (a lone ``tlsweep sweep``, a local worker, a worker on another machine) runs
+the same loop: under the study lock it asks whether the study still needs a trial (finished
+plus running below ``n_trials``) and starts one, so that workers starting at the same moment
+never overshoot; the lock is released as soon as the trial is RUNNING.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, replace
+
+import optuna
+from optuna.trial import TrialState
+
+from tlsweep import tracking
+from tlsweep.config import Config, load_config
+from tlsweep.progress import SweepProgress
+from tlsweep.sweep import _samplers
+from tlsweep.sweep._common import ENDED_STATES, FINISHED_STATES, PARENT_RUN_ATTR, count
+from tlsweep.sweep._objective import Objective
+from tlsweep.sweep._storage import StudyLock, open_storage, open_study, storage_url
+from tlsweep.sweep._summary import SweepSummary, parent_tags, summarize
+from tlsweep.sweepspec import SweepSpec
+
+SESSIONS_ATTR = "tlsweep_sessions"  # how many processes have opened the study
+
+
+@dataclass
+class Session:
+    """An opened study with its lock and MLflow parent run, as one process sees it."""
+
+    spec: SweepSpec
+    url: str
+    study: optuna.Study
+    lock: StudyLock
+    parent_run_id: str
+    base: Config
+
+
+def run_sweep(spec: SweepSpec, progress: SweepProgress | None = None) -> SweepSummary:
+    """Run (or resume, or join) the study until ``n_trials`` have finished, then summarise."""
+    session = open_session(spec)
+    progress = progress or default_progress(spec)
+    with tracking.guard_run(session.parent_run_id, end=False):
+        progress.started(
+            spec.settings.study_name, done=min(finished(session), spec.settings.n_trials)
+        )
+        work(session, progress)
+    return finish(session, progress)
+
+
+def run_worker(spec: SweepSpec) -> None:
+    """One of several workers: run trials on the shared study; the supervisor summarises."""
+    session = open_session(spec)
+    work(session, default_progress(spec, prefix=os.environ.get("TLSWEEP_WORKER_LABEL", "")))
+
+
+def open_session(spec: SweepSpec, workers: int = 1) -> Session:
+    """Check the settings, open storage and study, and the parent run (created once)."""
+    s = spec.settings
+    base = load_config([*spec.base, f"train.early_stopping.monitor={s.metric}"])
+    _samplers.make_sampler(s, spec.space), _samplers.make_pruner(s)  # refuse bad settings early
+    url = storage_url(s, workers)
+    storage = open_storage(url, s)
+    study = open_study(spec, storage)
+    lock = StudyLock(storage, url, s.study_name)
+    tracking.connect(base.tracking)
+    with lock.held():  # one parent run and distinct session numbers, however many start at once
+        parent = tracking.open_parent_run(
+            s.study_name, run_id=study.user_attrs.get(PARENT_RUN_ATTR), tags=parent_tags(spec, url)
+        )
+        study.set_user_attr(PARENT_RUN_ATTR, parent)
+        session_number = int(study.user_attrs.get(SESSIONS_ATTR, 0))
+        study.set_user_attr(SESSIONS_ATTR, session_number + 1)
+    study = _with_session_seed(spec, storage, session_number)
+    return Session(spec, url, study, lock, parent, base)
+
+
+def _with_session_seed(
+    spec: SweepSpec, storage: optuna.storages.BaseStorage, session_number: int
+) -> optuna.Study:
+    """The study with a sampler seeded by ``seed + session number``: a fresh one-process sweep
+    repeats exactly, while a resumed sweep or a second worker does not redraw the same values.
+    """
+    s = spec.settings
+    # Not for the grid: Optuna shuffles its grid with the seed, so grid ids keep their meaning
+    # only under one seed (and it picks among the unvisited points anyway).
+    offset = 0 if s.sampler == "grid" else session_number
+    settings = replace(s, seed=None if s.seed is None else s.seed + offset)
+    return optuna.load_study(
+        study_name=s.study_name,
+        storage=storage,
+        sampler=_samplers.make_sampler(settings, spec.space),
+        pruner=_samplers.make_pruner(settings),
+    )
+
+
+def work(session: Session, progress: SweepProgress, worker: str | None = None) -> None:
+    """Run trials until the study has ``n_trials`` finished or running ones.
+
+    Failed trials do not count and are replaced, up to ``max(3, n_trials)`` failures in this
+    process; the loop also ends at the timeout and when a grid has every point done.
+    """
+    s, study = session.spec.settings, session.study
+    objective = Objective(session.spec, session.parent_run_id, progress)
+    objective.worker = worker or worker_id()
+    deadline = None if s.timeout is None else time.monotonic() + s.timeout
+    max_failures, failures = max(3, s.n_trials), 0
+    patience = 2 * (s.grace_period or 4 * s.heartbeat_interval)  # bound on waiting for others
+    waited = 0.0
+    while failures < max_failures and (deadline is None or time.monotonic() < deadline):
+        optuna.storages.fail_stale_trials(study)  # trials of workers that stopped beating
+        session.lock.acquire()
+        try:
+            if not _needs_trial(study, s.n_trials):
+                if not _others_may_fail(session) or waited > patience:
+                    return
+                session.lock.release()
+                time.sleep(s.heartbeat_interval)  # until they finish, or go stale and are retried
+                waited += s.heartbeat_interval
+                continue
+            waited = 0.0
+            ended, failed = count(study, ENDED_STATES), count(study, (TrialState.FAIL,))
+            objective.on_start = session.lock.release  # once the trial is RUNNING
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        finally:
+            session.lock.release()
+        if count(study, ENDED_STATES) == ended:
+            return  # no trial ran: the sampler stopped the study
+        failures += count(study, (TrialState.FAIL,)) - failed
+
+
+def finish(session: Session, progress: SweepProgress) -> SweepSummary:
+    """Summarise on the parent run and mark it FINISHED."""
+    with tracking.guard_run(session.parent_run_id, end=False):
+        summary = summarize(session.study, session.spec, session.parent_run_id)
+    tracking.finish_run(session.parent_run_id)
+    progress.finished(summary.leaderboard, summary.best_value, summary.champion_uri)
+    return summary
+
+
+def finished(session: Session) -> int:
+    return count(session.study, FINISHED_STATES)
+
+
+def default_progress(spec: SweepSpec, prefix: str = "") -> SweepProgress:
+    s = spec.settings
+    return SweepProgress(
+        s.n_trials, s.metric, maximize=s.resolved_direction == "maximize", prefix=prefix
+    )
+
+
+def worker_id() -> str:
+    """How a trial names the process running it (a dead worker's trials are found by it)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _others_may_fail(session: Session) -> bool:
+    """Whether to wait for other processes' running trials instead of leaving: on heartbeat
+    storages (several machines, no supervisor) one of them may belong to a dead worker, and
+    its retry needs a live one. Local journal workers have a supervisor that restarts them."""
+    if session.url.startswith("journal:"):
+        return False
+    study = session.study
+    return count(study, FINISHED_STATES) < session.spec.settings.n_trials and bool(
+        count(study, (TrialState.RUNNING,))
+    )
+
+
+def _needs_trial(study: optuna.Study, n_trials: int) -> bool:
+    sampler = study.sampler
+    if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
+        return False
+    return count(study, (*FINISHED_STATES, TrialState.RUNNING)) < n_trials

@@ -1,0 +1,257 @@
+"""Where studies live: Optuna storages, studies, the study lock and lost trials.
+
+* One process: the SQLite file ``mlruns/optuna.db`` (the default).
+* Several workers on one machine: Optuna's journal file ``mlruns/optuna.journal`` (SQLite is
+  not safe for concurrent writers). A study that already lives in the SQLite file moves there.
+* Several machines: PostgreSQL (``sweep.storage=postgresql://...``).
+
+RDB storages (SQLite, PostgreSQL) keep a heartbeat per running trial: a trial whose worker
+stopped beating for ``grace_period`` seconds is failed by the next live worker, its MLflow run
+closed as FAILED, and a copy queued to be retried. Journal files have no heartbeat in Optuna 5;
+there the local supervisor, which sees its workers die, does the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from tlsweep import tracking
+from tlsweep.errors import UserError
+from tlsweep.sweep import _samplers
+from tlsweep.sweep._common import FAIL_REASON_ATTR, RUN_ID_ATTR, WORKER_ATTR
+from tlsweep.sweepspec import SweepSettings, SweepSpec
+
+DEFAULT_STORAGE = Path("mlruns") / "optuna.db"
+DEFAULT_JOURNAL = Path("mlruns") / "optuna.journal"
+RETRY_OF_ATTR = "retry_of"
+
+
+def storage_url(settings: SweepSettings, workers: int = 1) -> str:
+    """``sweep.storage``, else where the study already is, else the default for ``workers``."""
+    if settings.storage:
+        if workers > 1 and settings.storage.startswith("sqlite"):
+            raise UserError(
+                f"sweep.storage={settings.storage} is not safe for {workers} concurrent workers; "
+                f"use a journal file (journal:///path/optuna.journal) or postgresql://..."
+            )
+        return settings.storage
+    sqlite, journal = _sqlite_url(DEFAULT_STORAGE), _journal_url(DEFAULT_JOURNAL)
+    if DEFAULT_JOURNAL.is_file() and settings.study_name in _names(journal):
+        return journal
+    if workers == 1:
+        return sqlite
+    if DEFAULT_STORAGE.is_file() and settings.study_name in _names(sqlite):
+        optuna.copy_study(
+            from_study_name=settings.study_name,
+            from_storage=open_storage(sqlite),
+            to_storage=open_storage(journal),
+        )
+        optuna.delete_study(study_name=settings.study_name, storage=open_storage(sqlite))
+    return journal
+
+
+def open_storage(url: str, settings: SweepSettings | None = None) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``; unreachable or malformed URLs raise `UserError`.
+
+    ``journal:///path`` is a journal file; anything else is an SQLAlchemy URL.
+    """
+    settings = settings or SweepSettings()
+    try:
+        if url.startswith("journal:"):
+            path = Path(url.removeprefix("journal:").removeprefix("//")).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return _rdb_storage(url, settings)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise UserError(f"cannot open sweep.storage {tracking.redact(url)}: {reason}") from None
+
+
+def _rdb_storage(
+    url: str, settings: SweepSettings, attempts: int = 3
+) -> optuna.storages.RDBStorage:
+    """RDBStorage with heartbeats. Workers starting together on a fresh database race to create
+    Optuna's tables; the loser's error ("already exists") just means they now exist: retry."""
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=settings.heartbeat_interval,
+                grace_period=settings.grace_period or 4 * settings.heartbeat_interval,
+                heartbeat_stale_trial_callback=RetryLostTrial(settings.max_retry),
+            )
+        except Exception as exc:
+            if "already exists" not in str(exc) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def open_study(spec: SweepSpec, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    """Create the study, or load it to resume; the sampler and pruner are this session's."""
+    s = spec.settings
+    study = optuna.create_study(
+        study_name=s.study_name,
+        storage=storage,
+        sampler=_samplers.make_sampler(s, spec.space),
+        pruner=_samplers.make_pruner(s),
+        direction=s.resolved_direction,
+        load_if_exists=True,
+    )
+    existing = study.direction.name.lower()
+    if existing != s.resolved_direction:
+        raise UserError(
+            f"study {s.study_name} exists with direction {existing}; sweep.direction="
+            f"{s.resolved_direction} would corrupt it; use another sweep.study_name"
+        )
+    return study
+
+
+def load_study(study_name: str, storage: str | None = None) -> optuna.Study:
+    """An existing study, for the leaderboard and reproduce; unknown names list the known ones."""
+    for url in [storage] if storage else _default_urls():
+        store = open_storage(url)
+        if study_name in _names(url, store):
+            return optuna.load_study(study_name=study_name, storage=store)
+    known = ", ".join(study_names(storage)) or "none yet"
+    where = tracking.redact(storage) if storage else "mlruns/"
+    raise UserError(f"no sweep named '{study_name}' in {where}; known: {known}")
+
+
+def study_names(storage: str | None = None) -> list[str]:
+    """Every study in ``storage``, or in the default SQLite and journal files."""
+    return sorted(
+        {name for url in ([storage] if storage else _default_urls()) for name in _names(url)}
+    )
+
+
+class StudyLock:
+    """Serialises "does the study need another trial?" and starting it, across processes.
+
+    PostgreSQL: an advisory lock on the storage's own database (workers on several machines).
+    Files (SQLite, journal): ``fcntl`` on a lock file beside the storage file.
+    Other storages get no lock; the study may then overshoot ``n_trials`` by a few trials.
+    """
+
+    def __init__(self, storage: optuna.storages.BaseStorage, url: str, study_name: str) -> None:
+        self._key = int.from_bytes(
+            hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True
+        )
+        self._engine = getattr(storage, "engine", None) if url.startswith("postgresql") else None
+        self._path = _lock_path(url, study_name)
+        self._held: object | None = None
+
+    def acquire(self) -> None:
+        if self._engine is not None:
+            from sqlalchemy import text
+
+            connection = self._engine.connect()
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self._key})
+            self._held = connection
+        elif self._path is not None:
+            handle = self._path.open("a")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            self._held = handle
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held is None:
+            return
+        if self._engine is not None:
+            from sqlalchemy import text
+
+            held.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self._key})  # type: ignore[attr-defined]
+            held.close()  # type: ignore[attr-defined]
+        else:
+            fcntl.flock(held, fcntl.LOCK_UN)  # type: ignore[arg-type]
+            held.close()  # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+
+class RetryLostTrial:
+    """Heartbeat-stale trials: Optuna's retry (a WAITING copy), and the MLflow run closed."""
+
+    def __init__(self, max_retry: int) -> None:
+        self._retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._retry(study, trial)
+        _close_lost_run(trial, "its worker stopped sending heartbeats")
+
+
+def fail_lost_trials(study: optuna.Study, worker: str, reason: str, max_retry: int) -> list[int]:
+    """Fail the trials ``worker`` was running (it died), close their runs, queue retries."""
+    lost = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.user_attrs.get(WORKER_ATTR) == worker
+    ]
+    for trial in lost:
+        # Optuna has no public setter for another process's trial; the storage call is the one
+        # its own heartbeat callbacks use.
+        study._storage.set_trial_user_attr(trial._trial_id, FAIL_REASON_ATTR, reason)
+        study.tell(trial.number, state=TrialState.FAIL)
+        _close_lost_run(trial, reason)
+        retries = int(trial.user_attrs.get("retries", 0))
+        if retries < max_retry:
+            study.enqueue_trial(
+                trial.params, user_attrs={RETRY_OF_ATTR: _original(trial), "retries": retries + 1}
+            )
+    return [t.number for t in lost]
+
+
+def _close_lost_run(trial: FrozenTrial, reason: str) -> None:
+    run_id = trial.user_attrs.get(RUN_ID_ATTR)
+    if run_id:
+        tracking.close_lost_run(run_id, f"trial {trial.number} lost: {reason}")
+
+
+def _original(trial: FrozenTrial) -> int:
+    return int(trial.user_attrs.get(RETRY_OF_ATTR, trial.number))
+
+
+def _lock_path(url: str, study_name: str) -> Path | None:
+    if url.startswith("journal:"):
+        base = Path(url.removeprefix("journal:").removeprefix("//")).expanduser()
+    elif url.startswith("sqlite:///"):
+        base = Path(url.removeprefix("sqlite:///"))
+    else:
+        return None
+    digest = hashlib.sha256(study_name.encode()).hexdigest()[:12]
+    return base.with_name(f".{base.name}.{digest}.lock")
+
+
+def _names(url: str, store: optuna.storages.BaseStorage | None = None) -> list[str]:
+    store = store or open_storage(url)
+    return [s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)]
+
+
+def _default_urls() -> list[str]:
+    urls = [_sqlite_url(DEFAULT_STORAGE)]
+    if DEFAULT_JOURNAL.is_file():
+        urls.append(_journal_url(DEFAULT_JOURNAL))
+    return urls
+
+
+def _sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path.resolve()}"
+
+
+def _journal_url(path: Path) -> str:
+    return f"journal://{path.resolve()}"

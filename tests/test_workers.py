@@ -1,0 +1,509 @@
+"""Several workers on one study: local processes, lost trials, the study lock, and several
+machines against a real PostgreSQL server and a real MLflow tracking server."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tlsweep import tracking
+from tlsweep.cli import main
+from tlsweep.errors import UserError
+from tlsweep.sweep import FAIL_REASON_ATTR, RUN_ID_ATTR, open_storage
+from tlsweep.sweep._common import WORKER_ATTR
+from tlsweep.sweep._storage import (
+    DEFAULT_JOURNAL,
+    DEFAULT_STORAGE,
+    RETRY_OF_ATTR,
+    RetryLostTrial,
+    StudyLock,
+    fail_lost_trials,
+    storage_url,
+)
+from tlsweep.sweep._workers import worker_command, worker_env
+from tlsweep.sweepspec import SweepSettings
+
+TLSWEEP = [sys.executable, "-m", "tlsweep.cli"]
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+# --- fast: commands, storages, lost trials, the lock -------------------------------------------
+
+
+def test_each_worker_runs_the_same_sweep_on_the_resolved_storage() -> None:
+    command = worker_command(["quickstart", "head.dropout=0.1"], "journal:///tmp/x.journal")
+    assert command[:4] == [sys.executable, "-m", "tlsweep.cli", "sweep"]
+    assert command[4:6] == ["quickstart", "head.dropout=0.1"]
+    assert "sweep.storage=journal:///tmp/x.journal" in command
+    assert command[-1] == "--worker"
+
+
+def test_each_gpu_worker_sees_only_its_gpu() -> None:
+    env = worker_env("3", slot=1)
+    assert env["CUDA_VISIBLE_DEVICES"] == "3"
+    assert env["TLSWEEP_WORKER_LABEL"] == "[w1] "
+    assert worker_env(None, slot=0).get("CUDA_VISIBLE_DEVICES") == os.environ.get(
+        "CUDA_VISIBLE_DEVICES"
+    )
+
+
+@pytest.mark.parametrize("gpus", ["0,x", "1,1", "-1"])
+def test_bad_gpu_lists_are_refused(gpus: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "quickstart", "--gpus", gpus]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"tlsweep: error: --gpus={gpus}")
+
+
+def test_workers_default_to_a_journal_file_and_refuse_sqlite() -> None:
+    settings = SweepSettings(study_name="s")
+    assert storage_url(settings, workers=1).startswith("sqlite:///")
+    assert storage_url(settings, workers=2) == f"journal://{DEFAULT_JOURNAL.resolve()}"
+    with pytest.raises(UserError, match="not safe for 3 concurrent workers"):
+        storage_url(SweepSettings(storage="sqlite:///x.db"), workers=3)
+
+
+def test_a_study_in_the_sqlite_file_moves_to_the_journal_for_workers() -> None:
+    sqlite = open_storage(f"sqlite:///{DEFAULT_STORAGE.resolve()}")
+    study = optuna.create_study(study_name="moving", storage=sqlite, direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.5))
+    study.set_user_attr("mlflow_parent_run_id", "abc")
+
+    url = storage_url(SweepSettings(study_name="moving"), workers=2)
+
+    moved = optuna.load_study(study_name="moving", storage=open_storage(url))
+    assert [t.value for t in moved.trials] == [0.5]
+    assert moved.user_attrs["mlflow_parent_run_id"] == "abc"
+    assert "moving" not in optuna.get_all_study_names(sqlite)
+    assert storage_url(SweepSettings(study_name="moving"), workers=1) == url  # found there again
+
+
+def _running_trial_with_run(storage: optuna.storages.BaseStorage, worker: str) -> tuple:
+    study = optuna.create_study(study_name="lost", storage=storage, direction="maximize")
+    trial = study.ask()
+    dropout = trial.suggest_float("head.dropout", 0.0, 0.5)
+    trial.set_user_attr(WORKER_ATTR, worker)
+    tracking.connect()
+    client = mlflow.MlflowClient()
+    run = client.create_run(tracking.experiment_id("lost"))
+    trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+    return study, trial, dropout, run.info.run_id
+
+
+def test_a_dead_workers_trial_is_failed_closed_and_retried(tmp_path: Path) -> None:
+    storage = open_storage(f"journal://{tmp_path / 'j.journal'}")
+    study, trial, dropout, run_id = _running_trial_with_run(storage, "host:123")
+    other = study.ask()
+    other.set_user_attr(WORKER_ATTR, "host:456")
+
+    lost = fail_lost_trials(study, "host:123", "worker host:123 died (exit code -9)", max_retry=1)
+
+    assert lost == [trial.number]
+    frozen = study.trials[trial.number]
+    assert frozen.state == TrialState.FAIL
+    assert "died" in frozen.user_attrs[FAIL_REASON_ATTR]
+    assert study.trials[other.number].state == TrialState.RUNNING  # another worker's: untouched
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert "died" in run.data.tags["error"] and run.data.tags["tlsweep.trial_state"] == "FAIL"
+    retry = study.get_trials(states=(TrialState.WAITING,))
+    assert len(retry) == 1
+    assert retry[0].user_attrs[RETRY_OF_ATTR] == trial.number
+    retried = study.ask()  # the next trial any worker takes is the retry, with the same values
+    assert retried.suggest_float("head.dropout", 0.0, 0.5) == dropout
+    retried.set_user_attr(WORKER_ATTR, "host:789")
+    fail_lost_trials(study, "host:789", "died again", max_retry=1)
+    assert study.get_trials(states=(TrialState.WAITING,)) == []  # max_retry reached
+
+
+def test_rdb_storages_beat_and_retry_lost_trials(tmp_path: Path) -> None:
+    settings = SweepSettings(heartbeat_interval=7, grace_period=30, max_retry=2)
+    storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}", settings)
+    assert storage.get_heartbeat_interval() == 7
+    callback = storage.get_heartbeat_stale_trial_callback()
+    assert isinstance(callback, RetryLostTrial)
+
+    study, trial, _, run_id = _running_trial_with_run(storage, "host:1")
+    study.tell(trial, state=TrialState.FAIL)  # as fail_stale_trials does before the callback
+    callback(study, study.trials[trial.number])
+
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED" and "heartbeats" in run.data.tags["error"]
+
+
+def test_the_study_lock_excludes_other_holders(tmp_path: Path) -> None:
+    url = f"journal://{tmp_path / 'j.journal'}"
+    lock = StudyLock(open_storage(url), url, "locked")
+    path = lock._path
+    assert path is not None and path.parent == tmp_path
+
+    def free() -> bool:
+        with path.open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return True
+
+    with lock.held():
+        assert not free()
+    assert free()
+
+
+# --- slow: real processes ------------------------------------------------------------------------
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1", **extra)
+
+
+def _journal_study(folder: Path, name: str = "tiny") -> optuna.Study:
+    storage = open_storage(f"journal://{folder / 'mlruns' / 'optuna.journal'}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _assert_one_to_one(study: optuna.Study, client: mlflow.MlflowClient, n_trials: int) -> None:
+    """n_trials finished; every trial has exactly one child run under the one parent; nothing
+    is left RUNNING."""
+    trials = study.trials
+    assert len([t for t in trials if t.state in FINISHED]) == n_trials
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    parent = client.get_run(parent_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
+    by_trial = {int(r.data.tags["tlsweep.trial_number"]): r for r in children}
+    assert len(by_trial) == len(children) == len(trials)  # one run per trial, no duplicates
+    for trial in trials:
+        assert by_trial[trial.number].info.run_id == trial.user_attrs[RUN_ID_ATTR]
+    every = client.search_runs([parent.info.experiment_id])
+    assert not [r for r in every if r.info.status == "RUNNING"]
+    assert parent.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_local_workers_share_one_study_exactly(
+    tmp_path: Path, write_sweep: Callable[..., Path]
+) -> None:
+    path = write_sweep(
+        tmp_path,
+        {"head.dropout": "interval(0.0, 0.5)"},
+        {"study_name": "tiny", "storage": None, "n_trials": 4},
+    )
+    done = subprocess.run(
+        [*TLSWEEP, "sweep", str(path), "--workers", "2"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    study = _journal_study(tmp_path)
+    assert len(study.trials) == 4  # exactly: no surplus trial from a race
+    assert len({t.user_attrs[WORKER_ATTR] for t in study.trials}) == 2  # both took trials
+    _assert_one_to_one(study, mlflow.MlflowClient(), n_trials=4)
+    assert "[w0] " in done.stdout and "[w1] " in done.stdout
+
+
+@pytest.mark.slow
+def test_a_killed_worker_loses_no_trial(tmp_path: Path, write_sweep: Callable[..., Path]) -> None:
+    path = write_sweep(
+        tmp_path,
+        {"head.dropout": "interval(0.0, 0.5)"},
+        {"study_name": "tiny", "storage": None, "n_trials": 4},
+    )
+    # A terminal-like console prints each epoch on the live line: "[w1] trial ... epoch 1/2"
+    # proves that worker's trial has its MLflow run and is training.
+    env = _env(TTY_COMPATIBLE="1", TERM="xterm", COLUMNS="160")
+    supervisor = subprocess.Popen(
+        [*TLSWEEP, "sweep", str(path), "--workers", "2"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+    )
+    assert supervisor.stdout is not None
+    seen, victim = "", None
+    while victim is None and (chunk := os.read(supervisor.stdout.fileno(), 65536)):
+        seen += ANSI.sub("", chunk.decode(errors="replace"))
+        if re.search(r"\[w1\] trial \d/4  epoch \d/2", seen):
+            running = _journal_study(tmp_path).get_trials(states=(TrialState.RUNNING,))
+            victim = next(t for t in running if RUN_ID_ATTR in t.user_attrs)
+            os.kill(int(victim.user_attrs[WORKER_ATTR].split(":")[1]), signal.SIGKILL)
+    rest = ANSI.sub("", supervisor.communicate(timeout=600)[0].decode(errors="replace"))
+    assert supervisor.returncode == 0
+    assert victim is not None and "died (exit code -9)" in rest
+
+    study = _journal_study(tmp_path)
+    lost = study.trials[victim.number]
+    assert lost.state == TrialState.FAIL and "died" in lost.user_attrs[FAIL_REASON_ATTR]
+    client = mlflow.MlflowClient()
+    assert client.get_run(lost.user_attrs[RUN_ID_ATTR]).info.status == "FAILED"
+    retries = [t for t in study.trials if t.user_attrs.get(RETRY_OF_ATTR) == victim.number]
+    assert len(retries) == 1 and retries[0].state in FINISHED
+    assert retries[0].params == lost.params
+    finished = [t for t in study.trials if t.state in FINISHED]
+    assert len(finished) == 4
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    runs = client.search_runs([client.get_run(parent_id).info.experiment_id])
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+# --- slow: several machines: PostgreSQL + an MLflow tracking server ----------------------------
+
+PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
+PASSWORD = "s3cret-Pw"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    """A PostgreSQL server on a free loopback port with databases optuna and mlflow."""
+    found = [b for b in PG_BINS if (b / "initdb").exists()]
+    bin_dir = found[-1] if found else Path(shutil.which("initdb") or "/nonexistent").parent
+    if not (bin_dir / "initdb").exists():
+        pytest.fail(
+            "PostgreSQL server binaries (initdb, pg_ctl) are missing: .ci/run installs them"
+        )
+    # Not under pytest's temporary root: the postgres user (initdb refuses root) must reach it.
+    root = Path(tempfile.mkdtemp(prefix="tlsweep-pg-"))
+    root.chmod(0o755)
+    data, pwfile = root / "data", root / "pw"
+    pwfile.write_text(PASSWORD)
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        shutil.chown(pwfile, "postgres")
+    port = _free_port()
+    subprocess.run(
+        _as_postgres(
+            [
+                str(bin_dir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "tlsweep",
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+    subprocess.run(
+        _as_postgres(
+            [
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-o",
+                options,
+                "-l",
+                str(root / "log"),
+                "-w",
+                "start",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    base = f"postgresql://tlsweep:{PASSWORD}@127.0.0.1:{port}"
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(f"{base}/postgres", isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            for db in ("optuna", "mlflow"):
+                connection.execute(sqlalchemy.text(f"CREATE DATABASE {db}"))
+        engine.dispose()
+        yield base
+    finally:
+        subprocess.run(
+            _as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
+            capture_output=True,
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``mlflow server`` on loopback: PostgreSQL backend store, a shared artifact root."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"{postgres}/mlflow",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert server.stdout is not None
+    for line in server.stdout:  # the server says when it listens
+        if "Application startup complete" in line or "Listening at" in line:
+            break
+    else:
+        pytest.fail("mlflow server did not start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_two_machines_join_one_study_through_postgres_and_an_mlflow_server(
+    postgres: str,
+    mlflow_server: str,
+    tmp_path: Path,
+    write_sweep: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    storage = f"{postgres}/optuna"
+    path = write_sweep(
+        tmp_path,
+        {"head.dropout": "interval(0.0, 0.5)"},
+        {
+            "study_name": "shared",
+            "storage": storage,
+            "n_trials": 4,
+            "heartbeat_interval": 2,
+            "grace_period": 6,
+        },
+    )
+    env = _env(MLFLOW_TRACKING_URI=mlflow_server)
+    machines = []
+    for name in ("m1", "m2"):  # two working directories: nothing shared but the two servers
+        (tmp_path / name).mkdir()
+        machines.append(
+            subprocess.Popen(
+                [*TLSWEEP, "sweep", str(path)],
+                cwd=tmp_path / name,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [m.communicate(timeout=900)[0] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+
+    study = optuna.load_study(study_name="shared", storage=open_storage(storage))
+    assert len(study.trials) == 4  # the advisory lock: no surplus trial across machines
+    assert len({t.user_attrs[WORKER_ATTR] for t in study.trials}) == 2
+    mlflow.set_tracking_uri(mlflow_server)  # artifacts are served by the tracking server
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    _assert_one_to_one(study, client, n_trials=4)
+    for output in outputs:
+        assert PASSWORD not in output
+    experiment = client.get_experiment_by_name("shared")
+    for run in client.search_runs([experiment.experiment_id]):
+        assert PASSWORD not in str(run.data.params) + str(run.data.tags)
+        if "tlsweep.trial_number" in run.data.tags:
+            config = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
+            assert PASSWORD not in config
+
+
+@pytest.mark.slow
+def test_a_machine_lost_mid_trial_is_detected_by_heartbeat_and_retried(
+    postgres: str,
+    mlflow_server: str,
+    tmp_path: Path,
+    write_sweep: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No supervisor across machines: the lost trial stops beating, the surviving machine fails
+    it after the grace period, closes its run and runs the retry."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    storage = f"{postgres}/optuna"
+    path = write_sweep(
+        tmp_path,
+        {"head.dropout": "interval(0.0, 0.5)"},
+        {
+            "study_name": "lost-machine",
+            "storage": storage,
+            "n_trials": 4,
+            "heartbeat_interval": 1,
+            "grace_period": 4,
+        },
+    )
+    env = _env(MLFLOW_TRACKING_URI=mlflow_server, TTY_COMPATIBLE="1", TERM="xterm", COLUMNS="160")
+    machines = {}
+    for name in ("m1", "m2"):
+        (tmp_path / name).mkdir()
+        machines[name] = subprocess.Popen(
+            [*TLSWEEP, "sweep", str(path)], cwd=tmp_path / name, env=env, stdout=subprocess.PIPE
+        )
+    doomed = machines["m2"]
+    assert doomed.stdout is not None
+    seen, victim = "", None
+    while victim is None and (chunk := os.read(doomed.stdout.fileno(), 65536)):
+        seen += ANSI.sub("", chunk.decode(errors="replace"))
+        if re.search(r"trial \d/4  epoch \d/2", seen):  # m2's trial has its run and trains
+            study = optuna.load_study(study_name="lost-machine", storage=open_storage(storage))
+            mine = f":{doomed.pid}"
+            victim = next(
+                t
+                for t in study.get_trials(states=(TrialState.RUNNING,))
+                if t.user_attrs.get(WORKER_ATTR, "").endswith(mine)
+            )
+            doomed.kill()
+    doomed.wait()
+    survivor = machines["m1"].communicate(timeout=900)[0]
+    assert machines["m1"].returncode == 0, survivor[-3000:]
+    assert victim is not None
+
+    study = optuna.load_study(study_name="lost-machine", storage=open_storage(storage))
+    lost = study.trials[victim.number]
+    assert lost.state == TrialState.FAIL
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    lost_run = client.get_run(lost.user_attrs[RUN_ID_ATTR])
+    assert lost_run.info.status == "FAILED" and "heartbeats" in lost_run.data.tags["error"]
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].state in FINISHED
+    assert retries[0].params == lost.params
+    assert len([t for t in study.trials if t.state in FINISHED]) == 4
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    runs = client.search_runs([parent.info.experiment_id])
+    assert not [r for r in runs if r.info.status == "RUNNING"]
