@@ -36,7 +36,9 @@ REQUIRED_CHOICES = {
         "densenet121",
     ),
     "optimizer": ("adam", "sgd", "rmsprop", "adamw"),
+    "augment": ("none", "light", "strong"),
 }
+CUSTOM = ("backbone=custom", "backbone.preprocess=tf", "backbone.input_size=32")
 REFERENCE_EXPERIMENT = (
     "backbone=resnet50",
     "head.pooling=flatten",
@@ -109,7 +111,7 @@ def test_required_group_choice_exists_and_composes(group: str, choice: str, tmp_
     assert getattr(cfg, group).name == choice
 
 
-@pytest.mark.parametrize("name", group_choices("backbone"))
+@pytest.mark.parametrize("name", [n for n in group_choices("backbone") if n != "custom"])
 def test_every_backbone_defaults_to_imagenet(name: str) -> None:
     raw = yaml.safe_load((config_dir() / "backbone" / f"{name}.yaml").read_text())
     assert raw["weights"] == "imagenet"
@@ -187,6 +189,31 @@ def test_unknown_group_choice_lists_the_valid_ones(group: str) -> None:
         (["no_such_key=1"], ["no_such_key", "head", "train"]),
         (["head.dense_units=abc"], ["head.dense_units", "abc", "Integer"]),
         (["head.dropout=high"], ["head.dropout", "high", "Float"]),
+        (["augment.rotation=-0.1"], ["augment.rotation=-0.1", "[0, 1]"]),
+        (["augment.contrast=1.5"], ["augment.contrast=1.5", "[0, 1]"]),
+        (["augment.zoom=1.0"], ["augment.zoom=1.0", "[0, 1)"]),
+        (["augment.flip=diagonal"], ["augment.flip=diagonal", "horizontal_and_vertical", "null"]),
+        (["augment=wild"], ["augment 'wild'", "none", "light", "strong"]),
+        (["backbone=custom"], ["backbone.preprocess is required", "caffe", "none"]),
+        ([*CUSTOM], ["backbone=custom", "neither"]),
+        (
+            [*CUSTOM, "backbone.preprocess=auto", "backbone._target_=m:f"],
+            ["backbone.preprocess=auto", "caffe, tf, torch, none"],
+        ),
+        (
+            [*CUSTOM, "backbone.path=/no/such/net.keras"],
+            ["backbone.path=/no/such/net.keras", "no such file"],
+        ),
+        (
+            [*CUSTOM, "backbone._target_=m:f", "backbone.path=/x.keras"],
+            ["exactly one", "backbone.path and backbone._target_"],
+        ),
+        (
+            [*CUSTOM, "backbone._target_=m:f", "backbone.weights=imagenet"],
+            ["backbone.weights=imagenet", "null"],
+        ),
+        (["backbone.path=/x.keras"], ["backbone.path", "only for backbone=custom"]),
+        (["backbone.cut_layer=conv"], ["backbone.cut_layer", "only for backbone=custom"]),
     ],
 )
 def test_bad_input_is_a_one_line_user_error(overrides: list[str], expected: list[str]) -> None:
@@ -236,3 +263,68 @@ def test_to_yaml_of_reference_experiment(cfg_reference: Config) -> None:
     assert parsed["backbone"]["name"] == "resnet50"
     assert parsed["head"] == {"pooling": "flatten", "dense_units": 512, "dropout": 0.1}
     assert parsed["data"]["train_limit"] == 2000
+
+
+# --- augmentation and custom backbones -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("choice", "enabled"), [("none", False), ("light", True), ("strong", True)]
+)
+def test_augment_presets(choice: str, enabled: bool) -> None:
+    cfg = load_config([f"augment={choice}"])
+    assert cfg.augment.name == choice
+    assert cfg.augment.enabled is enabled
+
+
+def test_augment_defaults_to_none(cfg_default: DictConfig) -> None:
+    assert cfg_default.augment.name == "none"
+    assert to_config(cfg_default).augment.enabled is False
+
+
+def test_augment_explicit_keys(make_config: Callable[..., Config]) -> None:
+    cfg = make_config("augment.flip=vertical", "augment.rotation=0.2")
+    assert cfg.augment.name == "none"  # the preset, changed key by key
+    assert cfg.augment.flip == "vertical"
+    assert cfg.augment.rotation == pytest.approx(0.2)
+    assert cfg.augment.enabled
+    off = ("augment.flip=null", "augment.rotation=0", "augment.zoom=0", "augment.translation=0")
+    assert not make_config("augment=light", *off).augment.enabled
+    assert make_config("augment=light", *off[:-1]).augment.enabled  # translation still on
+
+
+def test_augment_is_searchable(write_sweep: Callable[..., Path], tmp_path: Path) -> None:
+    from tlsweep.sweepspec import load_sweep
+
+    spec = load_sweep(str(write_sweep(tmp_path, {"augment": "choice(none, light)"})))
+    (dim,) = [d for d in spec.space if d.key == "augment"]
+    assert list(dim.choices) == ["none", "light"]
+    cfg = load_config(spec.trial_overrides({"augment": "light"}))
+    assert cfg.augment.name == "light"
+    assert cfg.augment.enabled
+    with pytest.raises(UserError, match="wild"):
+        load_sweep(str(write_sweep(tmp_path, {"augment": "choice(none, wild)"}, name="bad")))
+
+
+def test_custom_backbone_composes(tmp_path: Path) -> None:
+    path = tmp_path / "net.keras"
+    path.write_bytes(b"the file is read when the backbone is built, not here")
+    cfg = load_config([*CUSTOM, f"backbone.path={path}", "backbone.cut_layer=conv_b"])
+    bb = cfg.backbone
+    assert bb.is_custom
+    assert (bb.path, bb.cut_layer, bb.preprocess, bb.weights) == (str(path), "conv_b", "tf", None)
+    assert flatten(cfg)["backbone.path"] == str(path)
+    target = "custom_backbones:tiny_convnet"
+    cfg = load_config([*CUSTOM, f"backbone._target_={target}", "+backbone.options.width=2"])
+    assert cfg.backbone._target_ == target
+    assert cfg.backbone.options == {"width": 2}
+    assert f"_target_: {target}" in to_yaml(cfg)
+    assert to_config(yaml.safe_load(to_yaml(cfg))) == cfg  # as reproduce reads it back
+    assert not load_config([]).backbone.is_custom
+
+
+def test_custom_path_must_be_a_keras_file(tmp_path: Path) -> None:
+    path = tmp_path / "net.h5"
+    path.write_bytes(b"")
+    message = _user_error([*CUSTOM, f"backbone.path={path}"])
+    assert ".keras" in message

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 
+from tlsweep import features
 from tlsweep.config import CacheConfig, Config, load_config
 from tlsweep.data import ImageData, Split, load_data
 from tlsweep.features import (
@@ -108,6 +109,24 @@ def test_corrupted_bytes_are_detected(store: FeatureStore) -> None:
     array, hit = store.get_or_compute("k1", compute, {})
     assert (hit, compute.calls) == (False, 2)
     np.testing.assert_array_equal(array, features_array())
+
+
+def test_entry_is_hashed_once_per_process_until_it_changes(
+    store: FeatureStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.get_or_compute("k1", Counter(features_array()), {})
+    hashed: list[Path] = []
+    real = features._sha256
+    monkeypatch.setattr(features, "_sha256", lambda path: hashed.append(path) or real(path))
+    for _ in range(3):
+        assert store.load("k1") is not None
+    assert len(hashed) == 1  # later reads of the unchanged file skip the hash
+    data = store.directory / "k1.npy"
+    raw = bytearray(data.read_bytes())
+    raw[-7] ^= 0xFF
+    data.write_bytes(bytes(raw))  # rewritten: a new mtime, so verified again
+    assert store.load("k1") is None
+    assert len(hashed) == 2
 
 
 def test_missing_or_broken_metadata_is_a_miss(store: FeatureStore) -> None:

@@ -10,10 +10,12 @@ import pytest
 
 from tlsweep.config import Config, load_config
 from tlsweep.model import (
+    augmentation_layers,
     backbone_of,
     build_classifier,
     make_optimizer,
     parameter_counts,
+    training_model,
     unfreeze_top,
 )
 
@@ -220,3 +222,88 @@ def test_adamw_weight_decay_and_rmsprop_momentum() -> None:
     assert adamw.weight_decay == pytest.approx(1e-4)
     rmsprop = make_optimizer(load_config(["optimizer=rmsprop", "optimizer.momentum=0.3"]).optimizer)
     assert rmsprop.momentum == pytest.approx(0.3)
+
+
+# --- custom backbones and augmentation -------------------------------------------------------
+
+
+@pytest.mark.parametrize("pooling", ["avg", "flatten"])
+def test_custom_backbone_classifier_saves_and_reloads(
+    make_config: Callable[..., Config], tmp_path, pooling: str
+) -> None:
+    from custom_backbones import save_tiny_convnet
+
+    path = save_tiny_convnet(tmp_path / "convnet.keras")
+    cfg = make_config(
+        "backbone=custom",
+        f"backbone.path={path}",
+        "backbone.preprocess=tf",
+        "~backbone.options.alpha",
+        f"head.pooling={pooling}",
+    )
+    model = _build(cfg)
+    assert backbone_of(model).name == "custom_backbone"
+    assert model.get_layer("pool").output.shape == (None, 8 if pooling == "avg" else 7 * 7 * 8)
+    images = _images()
+    expected = np.asarray(model.predict(images, verbose=0))
+    model.save(tmp_path / "classifier.keras")
+    path.unlink()  # the saved classifier holds the backbone: no need for its file
+    reloaded = keras.saving.load_model(tmp_path / "classifier.keras")
+    np.testing.assert_allclose(reloaded.predict(images, verbose=0), expected, rtol=1e-5)
+
+
+def _augmenting(make_config: Callable[..., Config], *overrides: str) -> Config:
+    return make_config(
+        "backbone=custom",
+        "backbone._target_=custom_backbones:tiny_convnet",
+        "backbone.preprocess=tf",
+        "~backbone.options.alpha",
+        *overrides,
+    )
+
+
+def test_augmentation_is_in_the_training_model_only(make_config: Callable[..., Config]) -> None:
+    cfg = _augmenting(make_config, "augment=strong")
+    classifier = _build(cfg)
+    trained = training_model(classifier, cfg.augment, cfg.seed)
+    augment = trained.get_layer("augment")
+    kinds = [type(layer) for layer in augment.layers]
+    assert kinds == [
+        keras.layers.RandomFlip,
+        keras.layers.RandomRotation,
+        keras.layers.RandomZoom,
+        keras.layers.RandomTranslation,
+        keras.layers.RandomContrast,
+    ]
+    assert trained.get_layer(classifier.name) is classifier  # shared weights
+    assert [id(w) for w in trained.trainable_weights] == [
+        id(w) for w in classifier.trainable_weights
+    ]
+    random_layers = tuple(kinds)
+    assert not any(isinstance(layer, random_layers) for layer in _walk(classifier))
+    images = _images()
+    # inactive outside training: the same predictions as the classifier's
+    np.testing.assert_allclose(
+        trained.predict(images, verbose=0), classifier.predict(images, verbose=0), rtol=1e-5
+    )
+    changed = np.asarray(augment(images, training=True))
+    assert changed.shape == images.shape
+    assert not np.allclose(changed, images)
+
+
+def test_augmentation_layers_follow_the_config(make_config: Callable[..., Config]) -> None:
+    cfg = _augmenting(make_config, "augment.flip=vertical", "augment.contrast=0.2").augment
+    layers = augmentation_layers(cfg, seed=5)
+    assert [type(layer) for layer in layers] == [
+        keras.layers.RandomFlip,
+        keras.layers.RandomContrast,
+    ]
+    assert layers[0].mode == "vertical"
+    assert [layer.seed for layer in layers] == [5, 9]  # seeded from cfg.seed
+    assert augmentation_layers(_augmenting(make_config).augment, seed=5) == []
+
+
+def test_no_augmentation_trains_the_classifier_itself(make_config: Callable[..., Config]) -> None:
+    cfg = _augmenting(make_config)
+    classifier = _build(cfg)
+    assert training_model(classifier, cfg.augment, cfg.seed) is classifier

@@ -98,11 +98,44 @@ SPACE = (
         ("grid", optuna.samplers.GridSampler),
         ("cmaes", optuna.samplers.CmaEsSampler),
         ("qmc", optuna.samplers.QMCSampler),
+        ("nsga2", optuna.samplers.NSGAIISampler),
+        ("nsga3", optuna.samplers.NSGAIIISampler),
     ],
 )
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_make_sampler(name: str, cls: type) -> None:
     assert isinstance(make_sampler(SweepSettings(sampler=name), SPACE), cls)
+
+
+def test_nsga_population_follows_n_trials_and_options() -> None:
+    sampler = make_sampler(SweepSettings(sampler="nsga2", n_trials=40), SPACE)
+    assert sampler._population_size == 10  # a few generations in a short sweep
+    assert make_sampler(SweepSettings(sampler="nsga2", n_trials=12), SPACE)._population_size == 6
+    assert make_sampler(SweepSettings(sampler="nsga2", n_trials=400), SPACE)._population_size == 50
+    tuned = SweepSettings(sampler="nsga2", sampler_options={"population_size": 6})
+    assert make_sampler(tuned, SPACE)._population_size == 6
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"populations": 6}, "do not fit nsga2"),
+        ({"population_size": 1}, "do not fit nsga2"),  # refused by the constructor
+        ({"seed": 3}, "set sweep.seed"),
+    ],
+)
+def test_bad_sampler_options_are_user_errors(options: dict, fragment: str) -> None:
+    with pytest.raises(UserError, match=fragment) as exc:
+        make_sampler(SweepSettings(sampler="nsga2", sampler_options=options), SPACE)
+    assert "\n" not in str(exc.value)
+
+
+def test_unknown_sampler_options_are_refused_before_anything_opens(tiny_spec, store_runs) -> None:
+    spec = tiny_spec(settings={"sampler": "random", "sampler_options": {"nope": 1}})
+    with pytest.raises(UserError, match="do not fit random"):
+        run_sweep(spec)
+    assert store_runs() == []
+    assert not Path(spec.settings.storage.removeprefix("sqlite:///")).exists()
 
 
 def test_grid_sampler_walks_the_whole_grid() -> None:
@@ -238,7 +271,7 @@ class StandInObjective:
     interrupt_at: int | None = None
     fail_at: int | None = None
 
-    def __init__(self, spec, parent_run_id, progress) -> None:
+    def __init__(self, spec, parent_run_id, progress, backbones=None) -> None:
         self.spec = spec
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -548,3 +581,289 @@ def test_a_resumed_random_sweep_does_not_redraw_its_first_values(tiny_spec, stan
     assert len(values) == 4
     assert values[2:] != values[:2]
     assert len(set(values)) == 4
+
+
+@pytest.mark.parametrize(("sampler", "seeds"), [("random", [0, 1, 2]), ("grid", [0, 0, 0])])
+def test_each_session_builds_one_sampler_seeded_by_its_number(
+    tiny_spec, stand_in, monkeypatch: pytest.MonkeyPatch, sampler: str, seeds: list[int]
+) -> None:
+    built: list[int | None] = []
+    real = {"random": optuna.samplers.RandomSampler, "grid": _samplers._ResumableGridSampler}
+
+    class Recording(real[sampler]):  # type: ignore[misc,valid-type]
+        def __init__(self, *args, seed=None) -> None:
+            built.append(seed)
+            super().__init__(*args, seed=seed)
+
+    if sampler == "random":
+        monkeypatch.setattr(optuna.samplers, "RandomSampler", Recording)
+    else:
+        monkeypatch.setattr(_samplers, "_ResumableGridSampler", Recording)
+    space = {"head.dropout": "choice(0.0, 0.1, 0.2, 0.3)"}
+    for n_trials in (1, 2, 3):  # three sessions: a sweep resumed twice
+        run_sweep(tiny_spec(settings={"sampler": sampler, "n_trials": n_trials}, space=space))
+    assert built == seeds  # one sampler per session, seed + session number (grid: seed)
+    assert len(stand_in.calls) == 3
+
+
+def test_pareto_ranks() -> None:
+    points = [(1.0, 5.0), (2.0, 2.0), (5.0, 1.0), (3.0, 3.0), (2.0, 2.0), (6.0, 6.0), (4.0, 4.0)]
+    assert sweep.pareto_ranks(points) == [1, 1, 1, 2, 1, 4, 3]
+    assert sweep.pareto_ranks([]) == []
+
+
+class MultiStandIn(StandInObjective):
+    """Two objectives from the params: val_accuracy = dropout, params = dense units."""
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        params = {d.key: suggest(trial, d) for d in self.spec.space}
+        type(self).calls.append(params)
+        return float(params["head.dropout"]), float(params["head.dense_units"])
+
+
+MULTI = {
+    "objectives": {"val_accuracy": "maximize", "params": "minimize"},
+    "sampler": "nsga2",
+    "n_trials": 8,
+}
+MULTI_SPACE = {"head.dropout": "interval(0.0, 0.5)", "head.dense_units": "choice(8, 16, 32, 64)"}
+
+
+def dominated(a: tuple[float, ...], b: tuple[float, ...], signs: tuple[int, ...]) -> bool:
+    """Whether ``a`` is dominated by ``b`` (signs: +1 maximize, -1 minimize)."""
+    better_or_equal = all(s * y >= s * x for x, y, s in zip(a, b, signs, strict=True))
+    return better_or_equal and a != b
+
+
+def test_a_multi_objective_sweep_summarises_its_front(
+    tiny_spec, stand_in, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_run, "Objective", MultiStandIn)
+    spec = tiny_spec(settings=MULTI, space=MULTI_SPACE)
+    summary = run_sweep(spec)
+    study = sweep.load_study("tiny", spec.settings.storage)
+    assert study.metric_names == ["val_accuracy", "params"]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 8
+    front = summary.pareto_front
+    assert front is not None
+    assert sorted(front["trial"]) == sorted(t.number for t in study.best_trials)
+    assert front["val_accuracy"].is_monotonic_decreasing  # best first on the first objective
+    assert front["rank"].tolist() == list(range(1, len(front) + 1))
+    assert summary.best_value == max(t.values[0] for t in study.trials)
+    assert summary.champion_uri is None  # stand-in trials have no run, so no model
+
+    board = summary.leaderboard
+    assert {"val_accuracy", "params", "pareto_rank"} <= set(board.columns)
+    assert "value" not in board.columns
+    on_front = board[board["pareto_rank"] == 1]
+    assert sorted(on_front["trial"]) == sorted(front["trial"])
+    assert board["pareto_rank"].is_monotonic_increasing
+    assert board.head(len(front))["trial"].tolist() == front["trial"].tolist()
+    for _, row in board.iterrows():  # a rank-k trial is dominated by some rank-(k-1) trial
+        if row["pareto_rank"] > 1:
+            better = board[board["pareto_rank"] == row["pareto_rank"] - 1]
+            point = (row["val_accuracy"], row["params"])
+            assert any(
+                dominated(point, (b["val_accuracy"], b["params"]), (1, -1))
+                for _, b in better.iterrows()
+            )
+
+    client = mlflow_client()
+    parent = summary.parent_run_id
+    top = {a.path for a in client.list_artifacts(parent)}
+    assert {"pareto.csv", "pareto.md", "leaderboard.csv"} <= top
+    plots = {a.path for a in client.list_artifacts(parent, "plots")}
+    assert {"plots/pareto_front.png", "plots/optimization_history.png"} <= plots
+    run = client.get_run(parent)
+    assert run.data.tags["sweep.objectives"] == str(MULTI["objectives"])
+    assert run.data.metrics["pareto_front_size"] == len(front)
+    assert run.data.metrics["best_value"] == summary.best_value
+
+
+def test_a_multi_objective_study_keeps_its_objectives(tiny_spec) -> None:
+    spec = tiny_spec(settings=MULTI, space=MULTI_SPACE)
+    storage = open_storage(sweep.storage_url(spec.settings))
+    study = open_study(spec, storage)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    other = with_settings(spec, objectives={"val_accuracy": "maximize", "latency_ms": "minimize"})
+    with pytest.raises(UserError, match="exists with objectives") as exc:
+        open_study(other, storage)
+    assert "params" in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(UserError, match="exists with objectives"):
+        open_study(with_settings(spec, objectives=None), storage)  # one objective now
+    assert open_study(spec, storage).metric_names == ["val_accuracy", "params"]
+
+
+def test_registered_aliases_follow_the_front() -> None:
+    """A run is registered once; aliases move; aliases of members that left the front go."""
+    import keras
+
+    from tlsweep import tracking
+
+    tracking.connect()
+    inputs = keras.Input((8, 8, 3), name="image")
+    flat = keras.layers.Flatten()(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(flat))
+    runs = []
+    for i in range(4):
+        with tracking.start_run("aliases", f"r{i}") as run_id:
+            if i < 3:
+                tracking.log_keras_model(run_id, model, ["a", "b", "c"])
+            runs.append(run_id)
+    client = mlflow_client()
+    first = {"pareto-1": runs[0], "pareto-2": runs[1], "pareto-3": runs[2], "champion": runs[0]}
+    uris = tracking.register_aliases("front", first, stale_prefix="pareto-")
+    assert uris == {alias: f"models:/front@{alias}" for alias in first}
+    assert len(client.search_model_versions("name = 'front'")) == 3
+    second = {"pareto-1": runs[1], "pareto-2": runs[3], "champion": runs[1]}  # r3: no model
+    uris = tracking.register_aliases("front", second, stale_prefix="pareto-")
+    assert set(uris) == {"pareto-1", "champion"}
+    aliases = client.get_registered_model("front").aliases
+    assert set(aliases) == {"pareto-1", "champion"}
+    assert client.get_model_version_by_alias("front", "pareto-1").run_id == runs[1]
+    assert client.get_model_version_by_alias("front", "champion").run_id == runs[1]
+    assert len(client.search_model_versions("name = 'front'")) == 3  # no new version
+
+
+def test_measure_costs_reports_the_requested_costs(tiny_spec) -> None:
+    import keras
+
+    from tlsweep.sweep._objective import measure_costs
+
+    inputs = keras.Input((4, 4, 3))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
+    both = tiny_spec(
+        settings={**MULTI, "objectives": ["val_accuracy", "latency_ms", "params"]},
+        space=MULTI_SPACE,
+    )
+    both = with_settings(both, latency_warmup=1, latency_repeats=2)
+    costs = measure_costs(model, both)
+    assert costs["params"] == 4 * 4 * 3 * 2 + 2 and costs["latency_ms"] > 0
+    assert measure_costs(model, tiny_spec()) == {}
+
+
+# --- a real multi-objective sweep (trains tiny models) ----------------------------------------
+
+
+@dataclass
+class ParetoSwept:
+    uri: str
+    storage: str
+    first: SweepSummary
+    second: SweepSummary
+    runs_output: str
+
+    @property
+    def client(self) -> mlflow.MlflowClient:
+        return mlflow.MlflowClient(tracking_uri=self.uri)
+
+    def study(self) -> optuna.Study:
+        return sweep.load_study("tiny_pareto", self.storage)
+
+
+@pytest.fixture(scope="module")
+def pareto_swept(tmp_path_factory, write_sweep) -> ParetoSwept:
+    """Accuracy against latency: three trials, then resumed to four."""
+    import contextlib
+    import io
+
+    from tlsweep.cli import main
+
+    folder = tmp_path_factory.mktemp("pareto")
+    path = write_sweep(
+        folder,
+        {"head.dense_units": "choice(8, 64)", "head.dropout": "choice(0.0, 0.5)"},
+        {
+            "study_name": "tiny_pareto",
+            "objectives": {"val_accuracy": "maximize", "latency_ms": "minimize"},
+            "sampler": "nsga2",
+            "n_trials": 3,
+            "latency_warmup": 2,
+            "latency_repeats": 5,
+        },
+    )
+    uri = f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
+    storage = f"sqlite:///{folder / 'optuna.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        first = run_sweep(load_sweep(str(path)))
+        second = run_sweep(load_sweep(str(path), ["sweep.n_trials=4"]))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["runs", "tiny_pareto", "--storage", storage]) == 0
+    return ParetoSwept(uri, storage, first, second, out.getvalue())
+
+
+@pytest.mark.slow
+def test_every_trial_logs_its_latency_and_keeps_its_head(pareto_swept: ParetoSwept) -> None:
+    study, client = pareto_swept.study(), pareto_swept.client
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    for trial in study.trials:
+        run_id = trial.user_attrs[RUN_ID_ATTR]
+        run = client.get_run(run_id)
+        assert len(trial.values) == 2
+        assert run.data.metrics["latency_ms"] == pytest.approx(trial.values[1])
+        assert trial.values[1] > 0
+        assert run.data.metrics["best_val_accuracy"] == pytest.approx(trial.values[0])
+        assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [1, 2]
+        assert "head" in {a.path for a in client.list_artifacts(run_id)}  # any may be on the front
+
+
+@pytest.mark.slow
+def test_the_front_is_non_dominated_and_registered(pareto_swept: ParetoSwept) -> None:
+    study, client = pareto_swept.study(), pareto_swept.client
+    front = pareto_swept.second.pareto_front
+    assert front is not None and len(front) >= 1
+    members = {t.number: t for t in study.best_trials}
+    assert sorted(front["trial"]) == sorted(members)
+    for a in members.values():  # no member dominated by another, nor by any trial
+        for b in study.trials:
+            assert not dominated(tuple(a.values), tuple(b.values), (1, -1)), (a.number, b.number)
+    for other in set(t.number for t in study.trials) - set(members):  # the rest is dominated
+        point = tuple(study.trials[other].values)
+        assert any(dominated(point, tuple(m.values), (1, -1)) for m in members.values())
+
+    aliases = client.get_registered_model("tiny_pareto").aliases
+    expected = {f"pareto-{k}" for k in front["rank"]} | {"champion"}
+    assert set(aliases) == expected
+    for _, row in front.iterrows():
+        version = client.get_model_version_by_alias("tiny_pareto", f"pareto-{row['rank']}")
+        assert version.run_id == row["run_id"]
+        assert row["model"] == f"models:/tiny_pareto@pareto-{row['rank']}"
+    champion = client.get_model_version_by_alias("tiny_pareto", "champion")
+    best_accuracy = max(m.values[0] for m in members.values())
+    champion_trial = next(
+        m for m in members.values() if m.user_attrs[RUN_ID_ATTR] == champion.run_id
+    )
+    assert champion_trial.values[0] == best_accuracy
+    assert pareto_swept.second.champion_uri == "models:/tiny_pareto@champion"
+    assert pareto_swept.second.best_run_id == champion.run_id
+    assert sweep.best_run_id("tiny_pareto", pareto_swept.storage) == champion.run_id
+    runs = {v.run_id for v in client.search_model_versions("name = 'tiny_pareto'")}
+    versions = client.search_model_versions("name = 'tiny_pareto'")
+    assert len(versions) == len(runs)  # the resumed sweep registered no run twice
+
+    mlflow.set_tracking_uri(pareto_swept.uri)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    for alias in sorted(expected):
+        model = mlflow.pyfunc.load_model(f"models:/tiny_pareto@{alias}")
+        probabilities = np.asarray(model.predict(images))
+        assert probabilities.shape == (2, 3)
+
+
+@pytest.mark.slow
+def test_the_parent_shows_the_front_and_runs_lists_every_objective(
+    pareto_swept: ParetoSwept,
+) -> None:
+    client, parent = pareto_swept.client, pareto_swept.second.parent_run_id
+    assert pareto_swept.first.parent_run_id == parent
+    local = Path(client.download_artifacts(parent, "pareto.csv", str(Path.cwd())))
+    table = pd.read_csv(local)
+    assert table["trial"].tolist() == pareto_swept.second.pareto_front["trial"].tolist()
+    assert {"val_accuracy", "latency_ms", "model", "champion"} <= set(table.columns)
+    plots = {a.path for a in client.list_artifacts(parent, "plots")}
+    assert "plots/pareto_front.png" in plots
+    header = pareto_swept.runs_output.splitlines()[0].split()
+    assert {"pareto_rank", "val_accuracy", "latency_ms"} <= set(header)
+    assert len(pareto_swept.runs_output.strip().splitlines()) == 1 + 4

@@ -19,7 +19,7 @@ from tlsweep.sweepspec import (
     to_override,
 )
 
-SHIPPED = ("quickstart", "head_grid", "backbones", "finetune")
+SHIPPED = ("quickstart", "head_grid", "backbones", "finetune", "pareto")
 
 
 def sweep_file(folder: Path, document: dict, name: str = "spec") -> Path:
@@ -275,6 +275,91 @@ def test_cli_plain_value_fixes_a_searched_key(spec_file) -> None:
     assert (cfg.head.dropout, cfg.train.epochs, cfg.head.dense_units) == (0.2, 3, 8)
 
 
+# --- several objectives --------------------------------------------------------------------
+
+
+def test_objectives_mapping(spec_file) -> None:
+    objectives = {"val_accuracy": "maximize", "latency_ms": "minimize", "params": None}
+    s = load_sweep(str(spec_file(settings={"objectives": objectives, "sampler": "nsga2"}))).settings
+    assert s.objective_pairs == (
+        ("val_accuracy", "maximize"),
+        ("latency_ms", "minimize"),
+        ("params", "minimize"),  # null: the default direction (costs are minimized)
+    )
+    assert s.objective_names == ["val_accuracy", "latency_ms", "params"]
+    assert s.multi_objective
+    assert (s.metric, s.resolved_direction) == ("val_accuracy", "maximize")  # what trains
+    assert s.pruner == "none"  # implied by several objectives
+
+
+def test_objectives_list_and_order(spec_file) -> None:
+    s = load_sweep(
+        str(spec_file(settings={"objectives": ["params", "val_loss"], "sampler": "tpe"}))
+    ).settings
+    assert s.objective_pairs == (("params", "minimize"), ("val_loss", "minimize"))
+    assert (s.metric, s.resolved_direction) == ("val_loss", "minimize")
+
+
+def test_objectives_from_the_command_line(spec_file) -> None:
+    spec = load_sweep(
+        str(spec_file()),
+        ["sweep.objectives={val_accuracy: maximize, latency_ms: minimize}", "sweep.sampler=nsga3"],
+    )
+    assert spec.settings.objective_names == ["val_accuracy", "latency_ms"]
+    assert (spec.settings.sampler, spec.settings.pruner) == ("nsga3", "none")
+
+
+def test_single_metric_form_is_one_objective(spec_file) -> None:
+    s = load_sweep(str(spec_file(settings={"metric": "val_loss"}))).settings
+    assert s.objectives is None
+    assert s.objective_pairs == (("val_loss", "minimize"),)
+    assert not s.multi_objective and s.pruner == "median"
+    one = load_sweep(str(spec_file(settings={"objectives": {"accuracy": None}}))).settings
+    assert one.objective_pairs == (("accuracy", "maximize"),) and not one.multi_objective
+    assert one.pruner == "median"  # one objective can still be pruned
+
+
+@pytest.mark.parametrize(
+    ("settings", "fragments"),
+    [
+        (
+            {"objectives": {"val_accuracy": None, "latency_ms": None}, "pruner": "median"},
+            ("sweep.pruner=median", "several objectives", "sweep.pruner=none"),
+        ),
+        (
+            {"objectives": {"val_accuracy": None, "params": None}, "sampler": "cmaes"},
+            ("sweep.sampler=cmaes", "nsga2"),
+        ),
+        (
+            {"objectives": {"val_accuracy": None, "params": None}, "metric": "val_loss"},
+            ("sweep.objectives replaces sweep.metric",),
+        ),
+        (
+            {"objectives": ["val_accuracy"], "direction": "maximize"},
+            ("sweep.objectives replaces sweep.direction",),
+        ),
+        ({"objectives": {"f1": "maximize"}}, ("sweep.objectives: f1", "latency_ms", "params")),
+        (
+            {"objectives": {"val_accuracy": "up", "params": None}},
+            ("sweep.objectives.val_accuracy=up", "maximize"),
+        ),
+        ({"objectives": ["latency_ms", "params"]}, ("exactly one training metric", "got 0")),
+        (
+            {"objectives": ["val_accuracy", "val_loss", "params"]},
+            ("exactly one training metric", "val_accuracy, val_loss"),
+        ),
+        ({"objectives": {}}, ("sweep.objectives is empty",)),
+        ({"objectives": 3}, ("sweep.objectives=3", "mapping")),
+        ({"latency_repeats": 0}, ("sweep.latency_repeats=0", "repeats >= 1")),
+        ({"latency_warmup": -1}, ("sweep.latency_warmup=-1",)),
+    ],
+)
+def test_bad_objectives_are_refused(spec_file, settings: dict, fragments: tuple[str]) -> None:
+    with pytest.raises(UserError) as exc:
+        load_sweep(str(spec_file(settings=settings)))
+    assert_one_line(exc, *fragments)
+
+
 # --- refusals ------------------------------------------------------------------------------
 
 
@@ -369,6 +454,20 @@ def test_quickstart_is_offline_and_pruned() -> None:
     assert cfg.backbone.weights is None
     assert spec.settings.n_trials >= 8
     assert spec.settings.pruner != "none"
+
+
+def test_pareto_is_offline_and_multi_objective() -> None:
+    spec = load_sweep("pareto")
+    s = spec.settings
+    cfg = load_config(spec.base)
+    assert (cfg.data.source, cfg.backbone.weights, cfg.backbone.input_size) == ("digits", None, 32)
+    assert s.objective_pairs == (("val_accuracy", "maximize"), ("latency_ms", "minimize"))
+    assert (s.sampler, s.pruner) == ("nsga2", "none")
+    backbones = next(d for d in spec.space if d.key == "backbone").choices
+    assert len(backbones) >= 2 and not any(
+        b.startswith(("mobilenet", "efficientnet")) for b in backbones
+    )
+    assert 8 <= s.n_trials <= 16
 
 
 def test_sweeps_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,8 +19,17 @@ from sklearn.metrics import accuracy_score, confusion_matrix, log_loss
 
 from tlsweep.config import Config
 from tlsweep.data import ImageData, batches, load_data
+from tlsweep.features import Features
 from tlsweep.model import backbone_of, build_classifier
-from tlsweep.train import TrainResult, configure_devices, seed_everything, train
+from tlsweep.train import (
+    KeepBestWeights,
+    TrainResult,
+    configure_devices,
+    seed_everything,
+    train,
+    training_path,
+    uses_feature_cache,
+)
 
 SHARED = (
     "train.epochs=5",
@@ -236,3 +245,82 @@ def test_another_seed_trains_differently(
     other = train_fresh(make_shared_config(*SHARED, "seed=7"))
     assert other.history["loss"].iloc[0] != trained.history["loss"].iloc[0]
     assert other.result.evaluations["test"].loss != trained.result.evaluations["test"].loss
+
+
+# --- augmentation: end to end, never on cached features --------------------------------------
+
+TINY_CUSTOM = (
+    "backbone=custom",
+    "backbone._target_=custom_backbones:tiny_convnet",
+    "backbone.preprocess=tf",
+    "~backbone.options.alpha",
+    "data.classes=[0,1,2]",
+    "data.train_limit=90",
+    "data.test_limit=30",
+)
+
+
+class FittedModels(keras.callbacks.Callback):
+    """The names of the layers of every model ``fit`` trains, stage by stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[list[str]] = []
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.seen.append([layer.name for layer in self.model.layers])
+
+
+def test_augmenting_run_trains_end_to_end_and_returns_the_plain_classifier(
+    make_config: Callable[..., Config],
+) -> None:
+    from tlsweep.model import AUGMENT
+
+    cfg = make_config(*TINY_CUSTOM, "augment=light", "train.fine_tune.epochs=1")
+    assert not uses_feature_cache(cfg)
+    assert training_path(None) == "end_to_end"
+    data = load_data(cfg.data, cfg.backbone.input_size)
+    model = build_classifier(cfg.backbone, cfg.head, data.num_classes)
+    fitted = FittedModels()
+    result = train(cfg, data, model, [fitted])
+    assert len(fitted.seen) == 2  # the head stage and the fine-tuning stage
+    assert all(AUGMENT in names and model.name in names for names in fitted.seen)
+    assert result.model is model
+    assert AUGMENT not in [layer.name for layer in result.model.layers]
+    assert list(result.history["stage"]) == ["head", "fine_tune"]
+
+
+def test_augmenting_config_refuses_cached_features(make_config: Callable[..., Config]) -> None:
+    cfg = make_config(*TINY_CUSTOM, "augment.flip=horizontal")
+    assert not uses_feature_cache(cfg)
+    assert uses_feature_cache(make_config(*TINY_CUSTOM))
+    assert not uses_feature_cache(make_config(*TINY_CUSTOM, "cache.enabled=false"))
+    empty = np.zeros((0, 8), "float32")
+    with pytest.raises(ValueError, match="end to end"):
+        train(cfg, None, None, features=Features(empty, empty, empty, status="hit"))  # type: ignore[arg-type]
+
+
+def test_keep_best_weights_restores_layers_a_later_stage_unfroze() -> None:
+    """Best epoch in the head stage, then fine-tuning changes a layer that was frozen: the
+    restore brings back both the head and the unfrozen layer as they were at the best epoch."""
+    inputs = keras.Input((2,))
+    lower = keras.layers.Dense(2, name="lower")
+    upper = keras.layers.Dense(1, name="upper")
+    model = keras.Model(inputs, upper(lower(inputs)))
+    lower.trainable = False
+    keep = KeepBestWeights("val_accuracy", model)
+    keep.set_model(model)
+    keep.on_train_begin()
+    upper.kernel.assign(np.full((2, 1), 1.0))
+    keep.on_epoch_end(0, {"val_accuracy": 0.9})
+    at_best = {v.path: keras.ops.convert_to_numpy(v).copy() for v in model.weights}
+    upper.kernel.assign(np.full((2, 1), 2.0))
+    keep.on_epoch_end(1, {"val_accuracy": 0.5})
+    lower.trainable = True  # the fine-tuning stage
+    keep.on_train_begin()
+    lower.kernel.assign(np.full((2, 2), 3.0))
+    keep.on_epoch_end(2, {"val_accuracy": 0.7})
+    keep.restore()
+    assert keep.best_epoch == 0
+    for variable in model.weights:
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), at_best[variable.path])

@@ -28,10 +28,10 @@ from tlsweep.sweep._common import WORKER_ATTR
 from tlsweep.sweep._storage import (
     DEFAULT_JOURNAL,
     DEFAULT_STORAGE,
-    RETRY_OF_ATTR,
     RetryLostTrial,
     StudyLock,
     fail_lost_trials,
+    retry_of,
     storage_url,
 )
 from tlsweep.sweep._workers import worker_command, worker_env
@@ -120,7 +120,7 @@ def test_a_dead_workers_trial_is_failed_closed_and_retried(tmp_path: Path) -> No
     assert "died" in run.data.tags["error"] and run.data.tags["tlsweep.trial_state"] == "FAIL"
     retry = study.get_trials(states=(TrialState.WAITING,))
     assert len(retry) == 1
-    assert retry[0].user_attrs[RETRY_OF_ATTR] == trial.number
+    assert retry_of(retry[0]) == trial.number
     retried = study.ask()  # the next trial any worker takes is the retry, with the same values
     assert retried.suggest_float("head.dropout", 0.0, 0.5) == dropout
     retried.set_user_attr(WORKER_ATTR, "host:789")
@@ -260,7 +260,7 @@ def test_a_killed_worker_loses_no_trial(tmp_path: Path, write_sweep: Callable[..
     assert lost.state == TrialState.FAIL and "died" in lost.user_attrs[FAIL_REASON_ATTR]
     client = _client()
     assert client.get_run(lost.user_attrs[RUN_ID_ATTR]).info.status == "FAILED"
-    retries = [t for t in study.trials if t.user_attrs.get(RETRY_OF_ATTR) == victim.number]
+    retries = [t for t in study.trials if retry_of(t) == victim.number]
     assert len(retries) == 1 and retries[0].state in FINISHED
     assert retries[0].params == lost.params
     finished = [t for t in study.trials if t.state in FINISHED]
@@ -447,3 +447,85 @@ def test_two_machines_join_one_study_through_postgres_and_an_mlflow_server(
         if "tlsweep.trial_number" in run.data.tags:
             config = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
             assert PASSWORD not in config
+
+
+def _read_until(process: subprocess.Popen, pattern: str, timeout: float) -> str:
+    """``process``'s output (ANSI stripped) up to a match of ``pattern``; fails at timeout."""
+    import select
+    import time
+
+    assert process.stdout is not None
+    seen, deadline = "", time.monotonic() + timeout
+    while not re.search(pattern, seen):
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([process.stdout], [], [], max(left, 0))
+        chunk = os.read(process.stdout.fileno(), 65536) if ready else b""
+        if not chunk:
+            pytest.fail(f"no {pattern!r} in the output within {timeout} s:\n{seen[-2000:]}")
+        seen += ANSI.sub("", chunk.decode(errors="replace"))
+    return seen
+
+
+@pytest.mark.slow
+def test_a_machine_lost_mid_trial_is_detected_by_heartbeat_and_its_trial_retried(
+    postgres: str,
+    mlflow_server: str,
+    tmp_path: Path,
+    write_sweep: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two machines on PostgreSQL + an MLflow server; one is killed (-9) while training. The
+    survivor notices the missing heartbeats, fails the trial, closes its run as FAILED, runs
+    the retry, and the study still ends with n_trials finished, one run per trial."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    storage = f"{postgres}/optuna"
+    path = write_sweep(
+        tmp_path,
+        {"head.dropout": "interval(0.0, 0.5)"},
+        {
+            "study_name": "lossy",
+            "storage": storage,
+            "n_trials": 3,
+            "heartbeat_interval": 1,
+            "grace_period": 4,
+        },
+        base={"train.epochs": 15, "train.early_stopping.patience": None},
+    )
+    env = _env(MLFLOW_TRACKING_URI=mlflow_server, TTY_COMPATIBLE="1", TERM="xterm", COLUMNS="160")
+    machines = {}
+    for name in ("m1", "m2"):
+        (tmp_path / name).mkdir()
+        machines[name] = subprocess.Popen(
+            [*TLSWEEP, "sweep", str(path)],
+            cwd=tmp_path / name,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+    victim_process = machines["m2"]
+    try:
+        _read_until(victim_process, r"trial \d/3  epoch [1-9]/15", timeout=300)
+        victim_process.kill()  # the machine is gone: no clean-up of any kind
+        victim_process.wait(timeout=60)
+        output = machines["m1"].communicate(timeout=600)[0].decode(errors="replace")
+    finally:
+        for process in machines.values():
+            if process.poll() is None:
+                process.kill()
+    assert machines["m1"].returncode == 0, output[-3000:]
+
+    study = optuna.load_study(study_name="lossy", storage=open_storage(storage))
+    lost = [
+        t
+        for t in study.trials
+        if t.user_attrs.get(WORKER_ATTR, "").endswith(f":{victim_process.pid}")
+        and t.state == TrialState.FAIL
+    ]
+    assert len(lost) == 1, [(t.number, t.state, t.user_attrs) for t in study.trials]
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    lost_run = client.get_run(lost[0].user_attrs[RUN_ID_ATTR])
+    assert lost_run.info.status == "FAILED" and "heartbeats" in lost_run.data.tags["error"]
+    retries = [t for t in study.trials if retry_of(t) == lost[0].number]
+    assert len(retries) == 1 and retries[0].state in FINISHED
+    assert retries[0].params == lost[0].params
+    _assert_one_to_one(study, client, n_trials=3)

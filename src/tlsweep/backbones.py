@@ -3,11 +3,17 @@
 Preprocessing is rebuilt from Keras' built-in layers so that a saved model loads anywhere with
 plain Keras (no custom objects to register). ``preprocess: auto`` finds out which of the four
 known transforms a backbone's own ``preprocess_input`` performs by calling it on probe pixels.
+
+``backbone=custom`` (architecture ``custom``) takes your own network instead: a saved ``.keras``
+model (``path``) or a Python callable (``_target_``) returning one, cut at ``cut_layer`` or by
+default at the last layer whose output is 4-D (the last spatial feature map), so that the head's
+pooling applies. Its preprocessing must be declared: there is no ``preprocess_input`` to probe.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import sys
 import warnings
@@ -19,7 +25,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tlsweep.config import BackboneConfig
+from tlsweep.config import CUSTOM_PREPROCESS_MODES, BackboneConfig
 from tlsweep.errors import UserError
 
 IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -47,6 +53,11 @@ def preprocess_mode(cfg: BackboneConfig) -> str:
     """``cfg.preprocess``, with ``auto`` resolved by probing the backbone's own function."""
     if cfg.preprocess != "auto":
         return cfg.preprocess
+    if cfg.is_custom:
+        raise UserError(
+            "backbone.preprocess=auto is not allowed for backbone=custom: declare what the "
+            f"model expects on raw 0-255 pixels: {', '.join(CUSTOM_PREPROCESS_MODES)}"
+        )
     probe = np.random.default_rng(0).uniform(0, 255, (1, 2, 2, 3)).astype("float32")
     expected = np.asarray(own_preprocess_input(cfg.architecture)(probe.copy()))
     for mode in ("caffe", "tf", "torch", "none"):
@@ -96,6 +107,11 @@ def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
 
 def build_backbone(cfg: BackboneConfig) -> keras.Model:
     """The network without its top, with the configured weights, frozen."""
+    if cfg.is_custom:
+        base = build_custom_backbone(cfg)
+        base.trainable = False
+        disable_stochastic_layers(base)
+        return base
     ctor = constructor(cfg.architecture)
     shape = (cfg.input_size, cfg.input_size, 3)
     weights = _weights_argument(cfg.weights)
@@ -121,6 +137,216 @@ def build_backbone(cfg: BackboneConfig) -> keras.Model:
     base.trainable = False
     disable_stochastic_layers(base)
     return base
+
+
+def build_custom_backbone(cfg: BackboneConfig) -> keras.Model:
+    """``backbone=custom``: the saved model or the callable's model, cut at its feature map.
+
+    The result is a functional model named ``<name>_backbone`` with the loaded model's input
+    (sides of ``input_size`` or None) and a 4-D feature map as output; it shares its layers
+    (and weights) with the loaded model.
+    """
+    if cfg.path:
+        model, source = load_keras_model(cfg.path), f"backbone.path={cfg.path}"
+    elif cfg._target_:
+        model, source = call_target(cfg), f"backbone._target_={cfg._target_}"
+    else:
+        raise UserError(
+            "backbone=custom needs backbone.path=/path/to/model.keras or "
+            "backbone._target_=package.module:function"
+        )
+    model = _as_functional(model, cfg.input_size, source)
+    layer = model.get_layer(cut_layer_name(model, cfg.cut_layer, source))
+    return keras.Model(model.inputs[0], layer.output, name=f"{cfg.name}_backbone")
+
+
+def load_keras_model(path: str) -> keras.Model:
+    """A saved ``.keras`` model, uncompiled (plain Keras: no custom objects)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"backbone.path={path}: no such file; give a saved .keras model")
+    try:
+        model = keras.saving.load_model(file, compile=False)
+    except Exception as exc:
+        raise UserError(f"backbone.path={path}: cannot load it with Keras: {_short(exc)}") from None
+    if not isinstance(model, keras.Model):
+        raise UserError(f"backbone.path={path} holds a {type(model).__name__}, not a Keras model")
+    return model
+
+
+def resolve_target(target: str) -> Callable[..., object]:
+    """The callable named ``package.module:function`` (or ``package.module.function``)."""
+    module_name, sep, attribute = target.partition(":")
+    if not sep:
+        module_name, _, attribute = target.rpartition(".")
+    if not module_name or not attribute:
+        raise UserError(
+            f"backbone._target_={target} is not a callable's name: "
+            "write package.module:function (or package.module.function)"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(
+            f"backbone._target_={target}: cannot import {module_name} ({_short(exc)}); "
+            "install it or put its folder on PYTHONPATH"
+        ) from None
+    found: object = module
+    for part in attribute.split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            public = ", ".join(n for n in sorted(vars(module)) if not n.startswith("_"))[:200]
+            raise UserError(
+                f"backbone._target_={target}: {module_name} has no {attribute}; it has: {public}"
+            )
+    if not callable(found):
+        raise UserError(f"backbone._target_={target} is a {type(found).__name__}, not callable")
+    return found
+
+
+def call_target(cfg: BackboneConfig) -> keras.Model:
+    """``target(input_shape=(size, size, 3), **options)``, with a weights file if configured."""
+    function = resolve_target(str(cfg._target_))
+    shape = (cfg.input_size, cfg.input_size, 3)
+    try:
+        model = function(input_shape=shape, **cfg.options)
+    except UserError:
+        raise
+    except Exception as exc:
+        arguments = ", ".join(
+            [f"input_shape={shape}", *(f"{k}={v!r}" for k, v in cfg.options.items())]
+        )
+        raise UserError(
+            f"backbone._target_={cfg._target_}({arguments}) failed: {_short(exc)}"
+        ) from None
+    if not isinstance(model, keras.Model):
+        raise UserError(
+            f"backbone._target_={cfg._target_} returned a {type(model).__name__}, not a keras.Model"
+        )
+    if cfg.weights is not None:
+        try:
+            model.load_weights(_weights_argument(cfg.weights))
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(
+                f"backbone.weights={cfg.weights} does not fit the model of "
+                f"backbone._target_={cfg._target_}: {_short(exc)}"
+            ) from None
+    return model
+
+
+def cut_layer_name(model: keras.Model, cut_layer: str | None, source: str = "the model") -> str:
+    """``cut_layer`` if ``model`` has it with a 4-D output; None: the last 4-D layer's name.
+
+    4-D (batch, height, width, channels) is a spatial feature map: where a network's
+    convolutional part ends, before its own global pooling or classifier, so that the head's
+    pooling (avg, max, flatten) applies.
+    """
+    maps = [layer.name for layer in model.layers[1:] if _output_rank(layer) == 4]
+    if cut_layer is None:
+        if not maps:
+            raise UserError(
+                f"{source}: no layer outputs a 4-D feature map (batch, height, width, "
+                "channels) to cut at"
+            )
+        return maps[-1]
+    names = [layer.name for layer in model.layers]
+    if cut_layer not in names:
+        raise UserError(
+            f"backbone.cut_layer={cut_layer}: {source} has no such layer; "
+            f"layers with a 4-D output: {_some(maps)}"
+        )
+    if cut_layer not in maps:
+        raise UserError(
+            f"backbone.cut_layer={cut_layer}: its output is not a 4-D feature map "
+            f"(batch, height, width, channels) that the head can pool; choose one of: "
+            f"{_some(maps)}"
+        )
+    return cut_layer
+
+
+def custom_source_identity(cfg: BackboneConfig, seed: int) -> dict[str, object]:
+    """What a custom backbone's features depend on beyond its weights, for the cache key:
+    the ``.keras`` file's SHA-256, or the callable's name (and the seed of a random init)."""
+    identity: dict[str, object] = {"cut_layer": cfg.cut_layer}
+    if cfg.path:
+        identity["keras_sha256"] = file_sha256(Path(cfg.path).expanduser())
+    else:
+        identity["target"] = cfg._target_
+        identity["seed"] = seed if cfg.weights is None else None
+    return identity
+
+
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, remembered per (path, size, mtime) for this process."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        _FILE_DIGESTS[key] = digest.hexdigest()
+    return _FILE_DIGESTS[key]
+
+
+def small_cnn(
+    input_shape: tuple[int, int, int], filters: tuple[int, ...] = (32, 64), name: str = "small_cnn"
+) -> keras.Model:
+    """An example ``backbone._target_`` (``tlsweep.backbones:small_cnn``): conv blocks, no top.
+
+    Expects pixels scaled to [-1, 1] (``backbone.preprocess=tf``); its random init is seeded.
+    """
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for i, width in enumerate(filters):
+        x = keras.layers.Conv2D(width, 3, padding="same", activation="relu", name=f"conv{i}")(x)
+        x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def _as_functional(model: keras.Model, size: int, source: str) -> keras.Model:
+    """``model`` with symbolic inputs and outputs (a subclassed model becomes one layer)."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:
+        image = keras.Input((size, size, 3), name="image")
+        try:
+            return keras.Model(image, model(image), name=model.name)
+        except Exception as exc:
+            raise UserError(
+                f"{source}: cannot call it on {size}x{size} images: {_short(exc)}"
+            ) from None
+    if len(inputs) != 1:
+        raise UserError(f"{source} takes {len(inputs)} inputs; a backbone takes one image")
+    shape = tuple(inputs[0].shape)
+    if len(shape) != 4 or shape[3] != 3 or any(s not in (None, size) for s in shape[1:3]):
+        raise UserError(
+            f"{source} takes inputs of shape {shape[1:]}, not ({size}, {size}, 3) images; "
+            "set backbone.input_size to its side"
+        )
+    return model
+
+
+def _output_rank(layer: keras.layers.Layer) -> int | None:
+    try:
+        return len(layer.output.shape)
+    except (AttributeError, ValueError):  # never called, or called more than once
+        return None
+
+
+def _some(names: list[str], n: int = 8) -> str:
+    if not names:
+        return "none"
+    shown = names[-n:]
+    more = f" (and {len(names) - n} earlier)" if len(names) > n else ""
+    return ", ".join(shown) + more
 
 
 STOCHASTIC_LAYERS = (
@@ -195,13 +421,16 @@ class BackboneCache:
 
     @staticmethod
     def _key(cfg: BackboneConfig, seed: int) -> str:
-        weights = cfg.weights
+        weights, source = cfg.weights, None
         if weights not in (None, "imagenet"):
             stat = Path(weights).expanduser().stat()
             weights = f"{weights}:{stat.st_size}:{stat.st_mtime_ns}"
+        if cfg.path:  # a saved model: the file as it is now
+            stat = Path(cfg.path).expanduser().stat()
+            source = f"{cfg.path}:{stat.st_size}:{stat.st_mtime_ns}"
         policy = keras.mixed_precision.global_policy().name
         return json.dumps(
-            [asdict(cfg), weights, seed if cfg.weights is None else None, policy],
+            [asdict(cfg), weights, source, seed if cfg.weights is None else None, policy],
             sort_keys=True,
             default=str,
         )

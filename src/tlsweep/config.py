@@ -20,12 +20,16 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from tlsweep.errors import UserError
 
-CONFIG_GROUPS = ("data", "backbone", "optimizer")
+CONFIG_GROUPS = ("data", "backbone", "optimizer", "augment")
 POOLINGS = ("avg", "max", "flatten")
 PREPROCESS_MODES = ("auto", "caffe", "tf", "torch", "none")
 OPTIMIZERS = ("adam", "sgd", "rmsprop", "adamw")
 DATA_SOURCES = ("digits", "folder", "keras")
 MONITORS = ("val_accuracy", "val_loss", "accuracy", "loss")
+CUSTOM_ARCHITECTURE = "custom"  # backbone=custom: a saved .keras model or a Python callable
+CUSTOM_PREPROCESS_MODES = ("caffe", "tf", "torch", "none")
+CUSTOM_BACKBONE_KEYS = ("backbone.path", "backbone._target_", "backbone.cut_layer")
+FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical")
 
 
 @dataclass
@@ -50,6 +54,32 @@ class BackboneConfig:
     min_input_size: int = 32
     preprocess: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
+    # backbone=custom only (architecture: custom): exactly one of path and _target_
+    path: str | None = None  # a saved Keras model (.keras)
+    _target_: str | None = None  # "package.module:function" returning a Keras model
+    cut_layer: str | None = None  # null: the last layer with a 4-D output (a feature map)
+
+    @property
+    def is_custom(self) -> bool:
+        return self.architecture == CUSTOM_ARCHITECTURE
+
+
+@dataclass
+class AugmentConfig:
+    """Random augmentation of the training images (inside the training model only)."""
+
+    name: str = "none"
+    flip: str | None = None  # horizontal | vertical | horizontal_and_vertical | null
+    rotation: float = 0.0  # fraction of a full turn, in [0, 1]; 0 = off
+    zoom: float = 0.0  # fraction of the side, in [0, 1); 0 = off
+    translation: float = 0.0  # fraction of the side, in [0, 1]; 0 = off
+    contrast: float = 0.0  # in [0, 1]; 0 = off
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any augmentation runs (then the feature cache cannot serve the run)."""
+        factors = (self.rotation, self.zoom, self.translation, self.contrast)
+        return self.flip is not None or any(factors)
 
 
 @dataclass
@@ -114,6 +144,7 @@ class Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -200,6 +231,7 @@ def validate(cfg: Config) -> None:
     )
     _validate_fine_tune(cfg.train.fine_tune)
     _validate_backbone(cfg.backbone)
+    _validate_augment(cfg.augment)
     _validate_data(cfg.data)
     _require_choice("cache.dtype", cfg.cache.dtype, ("float32", "float16"))
     _require(cfg.cache.max_gb > 0, "cache.max_gb", cfg.cache.max_gb, "must be > 0")
@@ -252,6 +284,7 @@ def _validate_fine_tune(ft: FineTuneConfig) -> None:
 
 
 def _validate_backbone(bb: BackboneConfig) -> None:
+    _validate_custom_backbone(bb)
     _require(
         bb.input_size >= bb.min_input_size,
         "backbone.input_size",
@@ -265,6 +298,65 @@ def _validate_backbone(bb: BackboneConfig) -> None:
                 f"backbone.weights={bb.weights}: no such file; "
                 "use imagenet, null, or the path of a weights file"
             )
+
+
+def _validate_custom_backbone(bb: BackboneConfig) -> None:
+    """backbone=custom: one source, declared preprocessing; other backbones take neither key."""
+    sources = {"backbone.path": bb.path, "backbone._target_": bb._target_}
+    given = [key for key, value in sources.items() if value]
+    if not bb.is_custom:
+        if given:
+            raise UserError(
+                f"{given[0]} is only for backbone=custom (backbone={bb.name} is "
+                f"keras.applications.{bb.architecture})"
+            )
+        if bb.cut_layer:
+            raise UserError(f"backbone.cut_layer is only for backbone=custom, not {bb.name}")
+        return
+    if len(given) != 1:
+        raise UserError(
+            "backbone=custom needs exactly one of backbone.path=/path/to/model.keras and "
+            f"backbone._target_=package.module:function (got {' and '.join(given) or 'neither'})"
+        )
+    _require(
+        bb.preprocess in CUSTOM_PREPROCESS_MODES,
+        "backbone.preprocess",
+        bb.preprocess,
+        "backbone=custom must declare what its model expects on raw 0-255 pixels: "
+        f"{', '.join(CUSTOM_PREPROCESS_MODES)}",
+    )
+    if bb.path:
+        path = Path(bb.path).expanduser()
+        if not path.is_file():
+            raise UserError(f"backbone.path={bb.path}: no such file; give a saved .keras model")
+        if path.suffix != ".keras":
+            raise UserError(
+                f"backbone.path={bb.path} is not a .keras file; save the model with "
+                "model.save('name.keras')"
+            )
+        if bb.weights is not None:
+            raise UserError(
+                f"backbone.weights={bb.weights} is not allowed with backbone.path: "
+                "the .keras file holds the weights; set backbone.weights=null"
+            )
+    elif bb.weights == "imagenet":
+        raise UserError(
+            "backbone.weights=imagenet is not allowed for backbone._target_: "
+            "use null (seeded random init) or a weights file for the model it returns"
+        )
+
+
+def _validate_augment(aug: AugmentConfig) -> None:
+    _require(
+        aug.flip is None or aug.flip in FLIP_MODES,
+        "augment.flip",
+        aug.flip,
+        f"choose from {', '.join(FLIP_MODES)} or null",
+    )
+    for key in ("rotation", "translation", "contrast"):
+        value = getattr(aug, key)
+        _require(0 <= value <= 1, f"augment.{key}", value, "must be in [0, 1] (0 turns it off)")
+    _require(0 <= aug.zoom < 1, "augment.zoom", aug.zoom, "must be in [0, 1) (0 turns it off)")
 
 
 def _validate_data(data: DataConfig) -> None:
@@ -300,11 +392,18 @@ def _require_choice(key: str, value: str, choices: Sequence[str]) -> None:
 def _missing_message(key: str) -> str:
     if key == "data.path":
         return "data.path is required for data=folder, e.g. data.path=~/photos"
+    if key == "backbone.preprocess":
+        return (
+            "backbone.preprocess is required for backbone=custom: what its model expects on "
+            f"raw 0-255 pixels, one of {', '.join(CUSTOM_PREPROCESS_MODES)}"
+        )
     return f"{key} is required: set it on the command line, e.g. {key}=..."
 
 
 def _unknown_key_message(key: str) -> str:
     """Name the unknown key and list the keys its deepest existing section does have."""
+    if key in CUSTOM_BACKBONE_KEYS:  # in the schema, but only custom.yaml declares them
+        return f"{key} is only for backbone=custom, e.g. backbone=custom {key}=..."
     schema = OmegaConf.structured(Config)
     parts = key.split(".")
     parent = next(

@@ -20,11 +20,19 @@ from tlsweep.config import Config, DataConfig, to_config
 from tlsweep.data import ImageData, load_data
 from tlsweep.features import cached_features
 from tlsweep.model import build_classifier, head_of, parameter_counts
-from tlsweep.train import TrainResult, configure_devices, seed_everything, train
+from tlsweep.train import (
+    TrainResult,
+    configure_devices,
+    seed_everything,
+    train,
+    training_path,
+    uses_feature_cache,
+)
 
 DataLoader = Callable[[DataConfig, int], ImageData]
 ModelPolicy = bool | Callable[[TrainResult], bool] | None
 WEIGHTS_DIGEST_PARAM = "backbone.weights_sha256"
+TRAIN_PATH_PARAM = "train.path"  # cached_features | end_to_end (the head stage's path)
 
 
 @dataclass(frozen=True)
@@ -74,9 +82,9 @@ def execute(
     (``stored_model="head"``): `materialize_model` assembles the full model when it is needed.
     """
     data, model = prepared.data, prepared.model
-    features = (
+    features = (  # an augmenting run trains end to end: feature_cache=off
         cached_features(cfg, model, data, weights_sha256=prepared.backbone_digest)
-        if cfg.cache.enabled
+        if uses_feature_cache(cfg)
         else None
     )
     tracking.set_tags(run_id, {"device": prepared.device})
@@ -86,9 +94,12 @@ def execute(
         data,
         parameter_counts(model),
         feature_cache=features.status if features else "off",
-        extra={WEIGHTS_DIGEST_PARAM: prepared.backbone_digest},
+        extra={
+            WEIGHTS_DIGEST_PARAM: prepared.backbone_digest,
+            TRAIN_PATH_PARAM: training_path(features),
+        },
     )
-    result = train(cfg, data, model, [tracking.EpochLogger(run_id), *callbacks], features)
+    result = train(cfg, data, model, [tracking.epoch_logger(run_id), *callbacks], features)
     keep_model = log_model(result) if callable(log_model) else log_model
     # A sweep's predicate (callable) picks best-so-far trials: their head suffices unless the
     # backbone was fine-tuned. None or a bool: the whole model or nothing.
@@ -102,7 +113,7 @@ def execute(
     return result
 
 
-def materialize_model(run_id: str) -> str | None:
+def materialize_model(run_id: str, backbones: BackboneCache | None = None) -> str | None:
     """The URI of ``run_id``'s full raw-image model, logging it first if the run stored only
     its head: the backbone is rebuilt from the logged config, checked against the weight hash
     the run recorded, and joined with the head's trained weights. None: the run has neither."""
@@ -116,7 +127,7 @@ def materialize_model(run_id: str) -> str | None:
     keras.backend.clear_session()
     seed_everything(cfg.seed, cfg.train.deterministic)
     configure_devices(cfg.train.mixed_precision)
-    backbone, digest = BackboneCache(capacity=0).get(cfg.backbone, cfg.seed)
+    backbone, digest = (backbones or BackboneCache(capacity=0)).get(cfg.backbone, cfg.seed)
     if digest != record["params"].get(WEIGHTS_DIGEST_PARAM):
         raise RuntimeError(
             f"the rebuilt {cfg.backbone.name} backbone differs from run {run_id}'s "

@@ -22,7 +22,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from tlsweep.backbones import preprocess_mode, weights_digest
+from tlsweep.backbones import custom_source_identity, preprocess_mode, weights_digest
 from tlsweep.config import CacheConfig, Config
 from tlsweep.data import ImageData, Split, batches
 from tlsweep.model import backbone_of, feature_extractor
@@ -93,7 +93,7 @@ class FeatureStore:
         meta_path, data_path = self._paths(key)
         try:
             meta = json.loads(meta_path.read_text())
-            if data_path.stat().st_size != meta["bytes"] or _sha256(data_path) != meta["sha256"]:
+            if not _verified(data_path, meta):
                 return None
             array = np.load(data_path, mmap_mode="r")
         except (OSError, ValueError, KeyError):
@@ -216,9 +216,13 @@ def cached_features(
 def extractor_identity(
     cfg: Config, model: keras.Model, dtype: np.dtype, weights_sha256: str | None = None
 ) -> dict[str, Any]:
-    """Everything about the frozen part that changes its output (the data comes separately)."""
+    """Everything about the frozen part that changes its output (the data comes separately).
+
+    A custom backbone adds its source: the ``.keras`` file's SHA-256 and the cut layer, or the
+    callable's name (and seed); keys of the other backbones are unchanged by it.
+    """
     bb = cfg.backbone
-    return {
+    identity = {
         "architecture": bb.architecture,
         "options": bb.options,
         "weights_sha256": weights_sha256 or weights_digest(backbone_of(model)),
@@ -230,6 +234,9 @@ def extractor_identity(
         "keras": keras.__version__,
         "backend": keras.backend.backend(),
     }
+    if bb.is_custom:
+        identity["custom"] = custom_source_identity(bb, cfg.seed)
+    return identity
 
 
 def compute_features(extractor: keras.Model, split: Split, name: str = "") -> np.ndarray:
@@ -282,6 +289,25 @@ class _ProgressBar:
 
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
+
+
+# Files this process has hashed already, by (path, size, mtime, inode): a sweep reads the same
+# entries every trial, and hashing a large feature file each time would cost more than the fit.
+_VERIFIED: set[tuple[str, int, int, int, str]] = set()
+
+
+def _verified(path: Path, meta: Mapping[str, Any]) -> bool:
+    """Whether ``path`` holds exactly the bytes ``meta`` describes (hashed once per process)."""
+    stat = path.stat()
+    if stat.st_size != meta["bytes"]:
+        return False
+    identity = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, meta["sha256"])
+    if identity in _VERIFIED:
+        return True
+    if _sha256(path) != meta["sha256"]:
+        return False
+    _VERIFIED.add(identity)
+    return True
 
 
 def _sha256(path: Path) -> str:

@@ -6,19 +6,25 @@ Keras 3 overrides that flag inside ``fit``, its dropout is zeroed and its BatchN
 frozen, so it runs in inference mode in every stage), ``pool`` (avg, max or flatten) and
 ``head`` (Dense + ReLU, Dropout, softmax: a model of its own on the pooled vector). Everything
 up to ``pool`` is the feature extractor whose output the feature cache stores.
+
+Augmentation (random flips, rotations, ...) is never part of the classifier: `training_model`
+wraps it as ``image -> augment -> classifier`` for ``fit``, sharing the classifier's weights, so
+the model that is evaluated, logged and served sees the images as they are.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import keras
 
 from tlsweep.backbones import build_backbone, preprocess_mode, preprocessing_layers
-from tlsweep.config import BackboneConfig, HeadConfig, OptimizerConfig
+from tlsweep.config import AugmentConfig, BackboneConfig, HeadConfig, OptimizerConfig
 
 POOL_LAYER = "pool"
 HEAD = "head"
+AUGMENT = "augment"
 POOLING_LAYERS = {
     "avg": keras.layers.GlobalAveragePooling2D,
     "max": keras.layers.GlobalMaxPooling2D,
@@ -59,6 +65,46 @@ def build_head(
     return keras.Model(features, outputs, name=HEAD)
 
 
+def augmentation_layers(cfg: AugmentConfig, seed: int) -> list[keras.layers.Layer]:
+    """Keras' random preprocessing layers for ``cfg`` (none when it is off), each seeded from
+    ``seed``. They work on raw 0-255 pixels, before the backbone's preprocessing."""
+    layers: list[keras.layers.Layer] = []
+    if cfg.flip:
+        layers.append(keras.layers.RandomFlip(cfg.flip, seed=seed, name="random_flip"))
+    if cfg.rotation:
+        layers.append(
+            keras.layers.RandomRotation(cfg.rotation, seed=seed + 1, name="random_rotation")
+        )
+    if cfg.zoom:
+        layers.append(keras.layers.RandomZoom(cfg.zoom, seed=seed + 2, name="random_zoom"))
+    if cfg.translation:
+        layers.append(
+            keras.layers.RandomTranslation(
+                cfg.translation, cfg.translation, seed=seed + 3, name="random_translation"
+            )
+        )
+    if cfg.contrast:
+        layers.append(
+            keras.layers.RandomContrast(
+                cfg.contrast, value_range=(0, 255), seed=seed + 4, name="random_contrast"
+            )
+        )
+    return layers
+
+
+def training_model(classifier: keras.Model, cfg: AugmentConfig, seed: int) -> keras.Model:
+    """What ``fit`` trains: ``classifier`` itself, or ``image -> augment -> classifier`` when
+    ``cfg`` augments (the wrapper shares every weight with ``classifier``; the augmentation
+    layers are active only while training)."""
+    layers = augmentation_layers(cfg, seed)
+    if not layers:
+        return classifier
+    shape = classifier.input_shape[1:]
+    augment = keras.Sequential([keras.Input(shape), *layers], name=AUGMENT)
+    inputs = keras.Input(shape, name="image")
+    return keras.Model(inputs, classifier(augment(inputs)), name=f"{classifier.name}_augmented")
+
+
 def head_of(model: keras.Model) -> keras.Model:
     """The trainable head sub-model (shares its weights with the classifier)."""
     return model.get_layer(HEAD)
@@ -74,7 +120,7 @@ def backbone_of(model: keras.Model) -> keras.Model:
     return next(
         layer
         for layer in model.layers
-        if isinstance(layer, keras.Model) and layer.name not in ("preprocess", "head")
+        if isinstance(layer, keras.Model) and layer.name not in ("preprocess", HEAD, AUGMENT)
     )
 
 
@@ -122,6 +168,6 @@ def compile_classifier(
 
 def parameter_counts(model: keras.Model) -> dict[str, int]:
     """Trainable and total parameter counts."""
-    trainable = sum(int(keras.ops.size(w)) for w in model.trainable_weights)
-    total = sum(int(keras.ops.size(w)) for w in model.weights)
+    trainable = sum(math.prod(w.shape) for w in model.trainable_weights)
+    total = sum(math.prod(w.shape) for w in model.weights)
     return {"trainable_params": trainable, "total_params": total}

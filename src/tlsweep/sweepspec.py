@@ -12,6 +12,12 @@ A sweep file (``sweeps/NAME.yaml``)::
     sweep:                   # study settings (SweepSettings)
       n_trials: 10
 
+Several objectives (accuracy against cost) replace ``metric``/``direction``::
+
+    sweep:
+      objectives: {val_accuracy: maximize, latency_ms: minimize}   # or a list: defaults
+      sampler: nsga2                                                # pruner: none (implied)
+
 Command-line arguments refine it: ``sweep.KEY=VALUE`` sets a setting, ``KEY=choice(...)`` (any
 sweep expression) adds or replaces a dimension, and a plain ``KEY=VALUE`` is a base override
 that also fixes KEY if it was searched.
@@ -33,9 +39,15 @@ from omegaconf.errors import OmegaConfBaseException
 from tlsweep.config import CONFIG_GROUPS, compose
 from tlsweep.errors import UserError
 
-SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc")
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc", "nsga2", "nsga3")
+MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "nsga3", "tpe", "random", "grid", "gp", "qmc")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
 EPOCH_METRICS = ("val_accuracy", "val_loss", "accuracy", "loss")
+# Measured once per completed trial on its trained raw-image model (not per epoch):
+# latency_ms: median milliseconds per image at batch 1 on the machine running the trial;
+# params: the model's total parameter count.
+COST_METRICS = ("latency_ms", "params")
+OBJECTIVE_METRICS = (*EPOCH_METRICS, *COST_METRICS)
 DIRECTIONS = ("maximize", "minimize")
 
 Scalar = str | int | float | bool | None
@@ -46,7 +58,11 @@ class SweepSettings:
     study_name: str = "sweep"
     metric: str = "val_accuracy"
     direction: str | None = None  # null: minimize losses, maximize the rest
+    # Several objectives, in order: {name: maximize | minimize | null}. When set, ``metric`` and
+    # ``direction`` follow its one training metric (early stopping, progress).
+    objectives: dict[str, str | None] | None = None
     sampler: str = "tpe"
+    sampler_options: dict[str, Any] = field(default_factory=dict)  # passed to the sampler
     seed: int | None = 0
     pruner: str = "median"
     pruner_options: dict[str, Any] = field(default_factory=dict)
@@ -56,10 +72,42 @@ class SweepSettings:
     heartbeat_interval: int = 20  # seconds between a running trial's heartbeats (RDB storages)
     grace_period: int | None = None  # silence after which a trial is lost; null: 4 heartbeats
     max_retry: int = 2  # how often a lost trial (dead worker) is retried
+    latency_warmup: int = 5  # untimed calls before timing latency_ms
+    latency_repeats: int = 30  # timed calls at batch 1; latency_ms is their median
+
+    def __post_init__(self) -> None:
+        if self.objectives:
+            self.objectives = {
+                name: direction or default_direction(name)
+                for name, direction in self.objectives.items()
+            }
+            trained = [name for name in self.objectives if name in EPOCH_METRICS]
+            if len(trained) == 1:  # otherwise validate_sweep refuses the settings
+                self.metric, self.direction = trained[0], self.objectives[trained[0]]
 
     @property
     def resolved_direction(self) -> str:
-        return self.direction or ("minimize" if "loss" in self.metric else "maximize")
+        return self.direction or default_direction(self.metric)
+
+    @property
+    def objective_pairs(self) -> tuple[tuple[str, str], ...]:
+        """(name, direction) of each objective, in order; one pair for ``metric``/``direction``."""
+        if self.objectives:
+            return tuple((name, str(d)) for name, d in self.objectives.items())
+        return ((self.metric, self.resolved_direction),)
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [name for name, _ in self.objective_pairs]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objective_pairs) > 1
+
+
+def default_direction(metric: str) -> str:
+    """Losses and costs are minimized, the rest maximized."""
+    return "minimize" if "loss" in metric or metric in COST_METRICS else "maximize"
 
 
 @dataclass(frozen=True)
@@ -138,6 +186,7 @@ def load_sweep(name: str, cli_overrides: Sequence[str] = ()) -> SweepSpec:
     settings = dict(document.get("sweep") or {})
     settings.setdefault("study_name", path.stem)
     _apply_cli(cli_overrides, base, space, settings)
+    _objective_defaults(settings)
     spec = SweepSpec(path.stem, tuple(base), tuple(space.values()), _settings(settings))
     validate_sweep(spec)
     return spec
@@ -179,7 +228,9 @@ def validate_sweep(spec: SweepSpec) -> None:
         raise UserError(f"sweep {spec.name}: the search space is empty; add search_space entries")
     _choice("sweep.sampler", s.sampler, SAMPLERS)
     _choice("sweep.pruner", s.pruner, PRUNERS)
-    if s.direction is not None:
+    if s.objectives is not None:
+        _check_objectives(s)
+    elif s.direction is not None:
         _choice("sweep.direction", s.direction, DIRECTIONS)
     if s.metric not in EPOCH_METRICS:
         raise UserError(
@@ -194,6 +245,11 @@ def validate_sweep(spec: SweepSpec) -> None:
         raise UserError(f"sweep.max_retry={s.max_retry} is not allowed: must be >= 0")
     if s.timeout is not None and s.timeout <= 0:
         raise UserError(f"sweep.timeout={s.timeout} is not allowed: seconds > 0, or null")
+    if s.latency_warmup < 0 or s.latency_repeats < 1:
+        raise UserError(
+            f"sweep.latency_warmup={s.latency_warmup} and sweep.latency_repeats="
+            f"{s.latency_repeats} are not allowed: warm-up >= 0 calls, repeats >= 1"
+        )
     if s.sampler == "grid":
         for dim in spec.space:
             dim.grid_values()
@@ -244,6 +300,61 @@ def _apply_cli(
         else:
             space.pop(key, None)
             base.append(text)
+
+
+def _objective_defaults(settings: dict[str, Any]) -> None:
+    """``objectives`` as a mapping (a list names objectives with their default directions);
+    it excludes ``metric``/``direction``; several objectives imply ``pruner: none``."""
+    objectives = settings.get("objectives")
+    if objectives is None:
+        return
+    if isinstance(objectives, str):
+        objectives = [objectives]
+    if isinstance(objectives, Sequence):
+        objectives = {str(name): None for name in objectives}
+    if not isinstance(objectives, Mapping):
+        raise UserError(
+            f"sweep.objectives={objectives} is not allowed: a mapping like "
+            "{val_accuracy: maximize, latency_ms: minimize}, or a list of names"
+        )
+    settings["objectives"] = {str(k): v for k, v in objectives.items()}
+    clash = [key for key in ("metric", "direction") if key in settings]
+    if clash:
+        raise UserError(
+            f"sweep.objectives replaces sweep.{' and sweep.'.join(clash)}: set the training "
+            "metric and its direction in sweep.objectives only"
+        )
+    if len(objectives) > 1:
+        settings.setdefault("pruner", "none")
+
+
+def _check_objectives(s: SweepSettings) -> None:
+    objectives = s.objectives or {}
+    if not objectives:
+        raise UserError("sweep.objectives is empty: name a training metric and its costs")
+    for name, direction in objectives.items():
+        if name not in OBJECTIVE_METRICS:
+            raise UserError(
+                f"sweep.objectives: {name} is not measured by any trial; choose from "
+                f"{', '.join(OBJECTIVE_METRICS)}"
+            )
+        _choice(f"sweep.objectives.{name}", str(direction), DIRECTIONS)
+    trained = [name for name in objectives if name in EPOCH_METRICS]
+    if len(trained) != 1:
+        raise UserError(
+            f"sweep.objectives needs exactly one training metric ({', '.join(EPOCH_METRICS)}), "
+            f"got {len(trained)}{': ' + ', '.join(trained) if trained else ''}"
+        )
+    if len(objectives) > 1 and s.pruner != "none":
+        raise UserError(
+            f"sweep.pruner={s.pruner} cannot be used with several objectives (Optuna prunes "
+            "single-objective studies only); set sweep.pruner=none or leave it out"
+        )
+    if len(objectives) > 1 and s.sampler not in MULTI_OBJECTIVE_SAMPLERS:
+        raise UserError(
+            f"sweep.sampler={s.sampler} optimizes one objective; with several choose from "
+            f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)}"
+        )
 
 
 def _settings(values: Mapping[str, Any]) -> SweepSettings:

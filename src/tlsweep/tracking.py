@@ -16,16 +16,19 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 import numpy as np
 import pandas as pd
 
 from tlsweep.config import Config, TrackingConfig, flatten, to_yaml
 from tlsweep.data import ImageData
 from tlsweep.errors import UserError
-from tlsweep.train import Evaluation, TrainResult
+
+if TYPE_CHECKING:  # keras (and so TensorFlow) loads only when a model is touched
+    import keras
+
+    from tlsweep.train import Evaluation, TrainResult
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -146,16 +149,15 @@ def default_run_name(cfg: Config) -> str:
     )
 
 
-class EpochLogger(keras.callbacks.Callback):
-    """Logs every epoch's metrics (loss, accuracy, val_*, learning_rate) with step=epoch."""
+def epoch_logger(run_id: str) -> keras.callbacks.Callback:
+    """A Keras callback logging every epoch's metrics (loss, accuracy, val_*, learning_rate)
+    with step=epoch+1."""
+    from tlsweep.train import EpochCallback
 
-    def __init__(self, run_id: str) -> None:
-        super().__init__()
-        self.run_id = run_id
+    def log(epoch: int, metrics: Mapping[str, float]) -> None:
+        mlflow.log_metrics(dict(metrics), step=epoch + 1, run_id=run_id)
 
-    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
-        metrics = {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v)}
-        mlflow.log_metrics(metrics, step=epoch + 1, run_id=self.run_id)
+    return EpochCallback(log)
 
 
 def log_inputs(
@@ -178,7 +180,7 @@ def log_inputs(
             **{f"data.n_{split}": n for split, n in data.counts.items()},
             **{f"model.{key}": value for key, value in counts.items()},
             **{f"version.{name}": version for name, version in package_versions().items()},
-            "keras.backend": keras.backend.backend(),
+            "keras.backend": _keras_backend(),
         }
     )
     mlflow.log_params({k: redact(_param_value(v)) for k, v in params.items()}, run_id=run_id)
@@ -282,13 +284,19 @@ def package_versions() -> dict[str, str]:
 
 def model_requirements() -> list[str]:
     """Pinned pip requirements of a logged Keras model (skips MLflow's slow inference)."""
-    backend = keras.backend.backend()
+    backend = _keras_backend()
     backend_package = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[backend]
     return [
         f"keras=={metadata.version('keras')}",
         f"{backend_package}=={metadata.version(backend_package)}",
         f"numpy=={metadata.version('numpy')}",
     ]
+
+
+def _keras_backend() -> str:
+    import keras
+
+    return keras.backend.backend()
 
 
 def redact(url: str) -> str:
@@ -415,6 +423,67 @@ def register_champion(run_id: str, name: str, alias: str = "champion") -> str | 
     return f"models:/{name}@{alias}"
 
 
+def register_aliases(
+    name: str, aliases: Mapping[str, str], stale_prefix: str | None = None
+) -> dict[str, str]:
+    """Point each alias (``pareto-1``, ``champion``...) at its run's full model under ``name``.
+
+    ``aliases`` maps alias -> run id. A run is registered once (its existing version is
+    reused, so a resumed sweep adds no duplicate versions); runs without a model get no alias.
+    Aliases starting with ``stale_prefix`` that are not in ``aliases`` are removed (a front
+    that shrank). Returns alias -> ``models:/NAME@ALIAS`` for the aliases set.
+    """
+    client = mlflow.MlflowClient()
+    versions: dict[str, str | None] = {}
+    uris = {}
+    for alias, run_id in aliases.items():
+        if run_id not in versions:
+            versions[run_id] = _model_version_of_run(client, name, run_id)
+        if versions[run_id] is not None:
+            client.set_registered_model_alias(name, alias, versions[run_id])
+            uris[alias] = f"models:/{name}@{alias}"
+    if stale_prefix:
+        try:
+            current = client.get_registered_model(name).aliases
+        except mlflow.exceptions.MlflowException:
+            current = {}
+        for alias in current:
+            if alias.startswith(stale_prefix) and alias not in uris:
+                client.delete_registered_model_alias(name, alias)
+    return uris
+
+
+def _model_version_of_run(client: mlflow.MlflowClient, name: str, run_id: str) -> str | None:
+    model_uri = client.get_run(run_id).data.tags.get(MODEL_URI_TAG)
+    if not model_uri:
+        return None
+    try:
+        existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except mlflow.exceptions.MlflowException:
+        existing = []
+    if existing:
+        return str(max(int(v.version) for v in existing))
+    return str(mlflow.register_model(model_uri, name).version)
+
+
+def log_trial_costs(run_id: str, costs: Mapping[str, float]) -> None:
+    """A trial's measured costs (``latency_ms``, ``params``) as metrics of its run."""
+    if costs:
+        mlflow.log_metrics({k: float(v) for k, v in costs.items()}, run_id=run_id)
+
+
+def log_table(run_id: str, table: pd.DataFrame, name: str) -> None:
+    """A table as ``NAME.csv`` and ``NAME.md`` artifacts (e.g. a sweep's Pareto front)."""
+    from tlsweep.report import to_markdown
+
+    client = mlflow.MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = Path(tmp) / f"{name}.csv"
+        table.to_csv(csv, index=False)
+        client.log_artifact(run_id, str(csv))
+    client.log_text(run_id, to_markdown(table), f"{name}.md")
+
+
 def run_record(run_id: str) -> dict[str, Any]:
     """A run's params, metrics, tags, status and logged config (for reproduce and compare)."""
     client = mlflow.MlflowClient()
@@ -463,3 +532,73 @@ def _sqlite_path(uri: str) -> Path | None:
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, list | dict) else str(value)
     return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
+
+
+# --- reports and comparisons: the read side (tlsweep report, tlsweep compare) ------------------
+
+
+def run_data(run_id: str) -> dict[str, Any]:
+    """A run's name, status, experiment, params, final metrics and tags (any run, no config
+    needed). An unknown id is a `UserError`; a SQLite store that does not exist is not created."""
+    uri = mlflow.get_tracking_uri()
+    if (db := _sqlite_path(uri)) and not db.exists():
+        raise UserError(f"no MLflow run {run_id} in {redact(uri)} (no such store yet)")
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(f"no MLflow run {run_id} in {redact(uri)}") from None
+    return {
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name,
+        "status": run.info.status,
+        "experiment": client.get_experiment(run.info.experiment_id).name,
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "tags": dict(run.data.tags),
+    }
+
+
+def metric_histories(run_ids: Sequence[str], keys: Sequence[str]) -> pd.DataFrame:
+    """Per-epoch values (step = epoch) of ``keys`` for each run: run_id, metric, step, value."""
+    client = mlflow.MlflowClient()
+    rows = [
+        {"run_id": run_id, "metric": key, "step": m.step, "value": m.value}
+        for run_id in run_ids
+        for key in keys
+        for m in client.get_metric_history(run_id, key)
+    ]
+    frame = pd.DataFrame(rows, columns=["run_id", "metric", "step", "value"])
+    return frame.sort_values(["run_id", "metric", "step"], kind="stable").reset_index(drop=True)
+
+
+def evaluation_artifacts(run_id: str, splits: Sequence[str] = ("test", "val")) -> dict[str, Any]:
+    """The first split in ``splits`` the run evaluated (see `_write_evaluation`): ``split``,
+    ``confusion`` (a DataFrame, class names on both axes), ``png`` (the logged figure's bytes,
+    or None) and ``report`` (the classification report dict, or None). Empty when none."""
+    client = mlflow.MlflowClient()
+    logged = {Path(f.path).name for f in client.list_artifacts(run_id, "evaluation")}
+    for split in splits:
+        if f"{split}_confusion_matrix.csv" not in logged:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(client.download_artifacts(run_id, "evaluation", tmp))
+            confusion = pd.read_csv(folder / f"{split}_confusion_matrix.csv", index_col=0)
+            confusion.columns = [str(c) for c in confusion.columns]
+            confusion.index = [str(i) for i in confusion.index]
+            png = folder / f"{split}_confusion_matrix.png"
+            report = folder / f"{split}_classification_report.json"
+            return {
+                "split": split,
+                "confusion": confusion,
+                "png": png.read_bytes() if png.exists() else None,
+                "report": json.loads(report.read_text()) if report.exists() else None,
+            }
+    return {}
+
+
+def log_report(run_id: str, page: str, name: str = "report.html") -> str:
+    """Log an HTML page on the run; returns its artifact URI."""
+    client = mlflow.MlflowClient()
+    client.log_text(run_id, page, name)
+    return f"{client.get_run(run_id).info.artifact_uri}/{name}"

@@ -3,6 +3,10 @@
 Two stages: the head on the frozen backbone, then optionally fine-tuning the backbone's top
 layers at a low learning rate. Epoch numbers continue across stages (``initial_epoch``) so
 that per-epoch metrics form one curve, and the best epoch of either stage wins.
+
+With augmentation configured, both stages fit ``image -> augment -> classifier`` end to end
+(random changes make the frozen backbone's output differ every epoch, so no cached features);
+the classifier shares its weights and is what is evaluated and returned.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +30,12 @@ from tlsweep.model import (
     head_of,
     make_optimizer,
     parameter_counts,
+    training_model,
     unfreeze_top,
 )
 
 HEAD_STEPS_PER_EXECUTION = 32  # on cached features: the same updates, less per-step overhead
+CACHED_FEATURES, END_TO_END = "cached_features", "end_to_end"  # the head stage's path
 
 
 @dataclass
@@ -100,6 +106,17 @@ def configure_devices(mixed_precision: bool) -> str:
     return "gpu" if gpus else "cpu"
 
 
+def uses_feature_cache(cfg: Config) -> bool:
+    """Whether the head stage can train on cached features: the cache is on and no random
+    augmentation changes the frozen backbone's input (an augmenting run trains end to end)."""
+    return cfg.cache.enabled and not cfg.augment.enabled
+
+
+def training_path(features: Features | None) -> str:
+    """The head stage's path, as recorded with a run: cached features or end to end."""
+    return CACHED_FEATURES if features is not None else END_TO_END
+
+
 def train(
     cfg: Config,
     data: ImageData,
@@ -110,8 +127,11 @@ def train(
     """Fit the head (then fine-tune if configured), restore the best epoch, evaluate.
 
     With ``features`` (the frozen part's cached outputs) the head stage trains the head alone
-    on them; the classifier shares the head's weights, so it is trained all the same.
+    on them; the classifier shares the head's weights, so it is trained all the same. An
+    augmenting config (see `uses_feature_cache`) must not be given features.
     """
+    if features is not None and cfg.augment.enabled:
+        raise ValueError("augmenting runs train end to end: cached features cannot serve them")
     keeper = KeepBestWeights(cfg.train.early_stopping.monitor, model)
     shared = [LearningRateLogger(), FailOnNaN(), keeper, *callbacks]
     history = fit_stages(model, cfg, data, shared, features)
@@ -153,12 +173,14 @@ def fit_stages(
     """Head stage, then the optional fine-tuning stage; one history across both.
 
     A callback with a true ``stop_run`` attribute (e.g. a pruner) also skips the second stage.
+    Without features, both stages fit `training_model` (the classifier, augmented if configured).
     """
     tc = cfg.train
     train_ds = batches(data.train, tc.batch_size, shuffle=True, seed=cfg.seed)
     val_ds = batches(data.val, tc.batch_size)
+    full = training_model(model, cfg.augment, cfg.seed)
     if features is None:
-        trained, head_train, head_val = model, train_ds, val_ds
+        trained, head_train, head_val = full, train_ds, val_ds
     else:
         trained = head_of(model)
         head_train = feature_batches(
@@ -180,8 +202,8 @@ def fit_stages(
     halted = any(getattr(callback, "stop_run", False) for callback in callbacks)
     if tc.fine_tune.epochs and not halted:
         unfreeze_top(model, tc.fine_tune.unfreeze_layers)
-        compile_classifier(model, make_optimizer(cfg.optimizer, tc.fine_tune.learning_rate))
-        tuned = model.fit(
+        compile_classifier(full, make_optimizer(cfg.optimizer, tc.fine_tune.learning_rate))
+        tuned = full.fit(
             train_ds,
             validation_data=val_ds,
             initial_epoch=done,
@@ -214,6 +236,17 @@ def evaluate(
     )
 
 
+class EpochCallback(keras.callbacks.Callback):
+    """Hands every epoch's scalar metrics to ``sink(epoch, metrics)`` (e.g. a tracker)."""
+
+    def __init__(self, sink: Callable[[int, Mapping[str, float]], None]) -> None:
+        super().__init__()
+        self.sink = sink
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self.sink(epoch, {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v)})
+
+
 class LearningRateLogger(keras.callbacks.Callback):
     """Adds ``learning_rate`` to each epoch's logs (before the other callbacks see them)."""
 
@@ -234,7 +267,13 @@ class FailOnNaN(keras.callbacks.Callback):
 
 
 class KeepBestWeights(keras.callbacks.Callback):
-    """Remembers the classifier's weights at the best epoch, across both stages' ``fit``."""
+    """Remembers the classifier's weights at the best epoch, across both stages' ``fit``.
+
+    Only variables that some stage trains are copied (the head; in fine-tuning, also the
+    unfrozen layers): frozen variables never change, and copying a whole backbone every epoch
+    cost more than the head's epoch itself. A variable first trained by a later stage is
+    recorded as that stage begins, which is its value at any earlier best epoch.
+    """
 
     def __init__(self, monitor: str, target: keras.Model) -> None:
         super().__init__()
@@ -243,7 +282,12 @@ class KeepBestWeights(keras.callbacks.Callback):
         self.minimize = "loss" in monitor
         self.best = float("inf") if self.minimize else float("-inf")
         self.best_epoch = -1
-        self._weights: list[np.ndarray] | None = None
+        self._saved: dict[int, tuple[keras.Variable, np.ndarray]] = {}
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if self.best_epoch >= 0:  # a later stage: remember the newly trainable variables
+            for variable in self.target.trainable_variables:
+                self._saved.setdefault(id(variable), (variable, _value(variable)))
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         value = (logs or {}).get(self.monitor)
@@ -251,11 +295,16 @@ class KeepBestWeights(keras.callbacks.Callback):
             raise KeyError(f"monitor {self.monitor!r} is not among the logged metrics {logs}")
         if (value < self.best) if self.minimize else (value > self.best):
             self.best, self.best_epoch = float(value), epoch
-            self._weights = self.target.get_weights()
+            for variable in self.target.trainable_variables:
+                self._saved[id(variable)] = (variable, _value(variable))
 
     def restore(self) -> None:
-        if self._weights is not None:
-            self.target.set_weights(self._weights)
+        for variable, value in self._saved.values():
+            variable.assign(value)
+
+
+def _value(variable: keras.Variable) -> np.ndarray:
+    return np.array(keras.ops.convert_to_numpy(variable))  # a copy, not a view
 
 
 def _early_stopping(tc: TrainConfig) -> keras.callbacks.EarlyStopping:

@@ -3,12 +3,14 @@
 One study per sweep (resumable: the same command continues it to ``n_trials`` finished
 trials), one MLflow parent run per study, one child run per trial. Each trial reports the
 monitored metric every epoch so the pruner can stop it, and returns its best epoch's value.
+A sweep with several objectives (``sweep.objectives``: accuracy against latency or size)
+returns a tuple per trial, is not pruned, and ends with its Pareto front registered.
 
 Public face: `run_sweep` (one process), `run_workers` (several on this machine, supervised)
 and `run_worker` (one of them), the study helpers (`open_storage`, `open_study`,
 `load_study`, `study_names`, `storage_url`), the sampler/pruner factories, and the read side
-used by
-``tlsweep runs`` and ``tlsweep reproduce`` (`leaderboard`, `best_run_id`, `parent_run_id`).
+used by ``tlsweep runs`` and ``tlsweep reproduce`` (`leaderboard`, `best_run_id`,
+`parent_run_id`, `pareto_front`).
 The private modules: ``_storage`` (where studies live), ``_samplers``, ``_objective`` (one
 trial), ``_run`` (the trial loop), ``_workers`` (local worker processes) and ``_summary`` (the end
 of a sweep).
@@ -28,7 +30,7 @@ from tlsweep.sweep._common import (
     RUN_ID_ATTR,
 )
 from tlsweep.sweep._run import run_sweep, run_worker
-from tlsweep.sweep._samplers import make_pruner, make_sampler, suggest
+from tlsweep.sweep._samplers import make_pruner, make_sampler, sampler_factory, suggest
 from tlsweep.sweep._storage import (
     DEFAULT_STORAGE,
     load_study,
@@ -43,6 +45,8 @@ from tlsweep.sweep._summary import (
     leaderboard,
     optuna_figures,
     parent_run_id,
+    pareto_front,
+    pareto_ranks,
     summarize,
 )
 from tlsweep.sweep._workers import run_workers
@@ -68,9 +72,12 @@ __all__ = [
     "open_study",
     "optuna_figures",
     "parent_run_id",
+    "pareto_front",
+    "pareto_ranks",
     "run_sweep",
     "run_worker",
     "run_workers",
+    "sampler_factory",
     "storage_url",
     "study_names",
     "suggest",

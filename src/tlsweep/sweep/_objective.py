@@ -1,4 +1,11 @@
-"""The objective: one trial is one MLflow child run, reported to Optuna every epoch."""
+"""The objective: one trial is one MLflow child run, reported to Optuna every epoch.
+
+With several objectives (accuracy against cost) a trial returns a tuple in the order of
+``sweep.objectives``: its training metric's best epoch, then each cost measured on the trained
+raw-image model (``latency_ms``, ``params``), also logged as metrics on its run. Optuna cannot
+prune such studies, so nothing is reported per epoch, and every completed trial stores its
+head's weights (small): any of them may end up on the Pareto front.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ from tlsweep.backbones import BackboneCache
 from tlsweep.config import Config, DataConfig, load_config, to_yaml
 from tlsweep.data import ImageData, load_data
 from tlsweep.experiment import execute, prepare
+from tlsweep.latency import measure_latency
+from tlsweep.model import parameter_counts
 from tlsweep.progress import SweepProgress
 from tlsweep.sweep._common import FAIL_REASON_ATTR, RUN_ID_ATTR, WORKER_ATTR
 from tlsweep.sweep._samplers import suggest
@@ -25,21 +34,32 @@ from tlsweep.sweepspec import SweepSpec
 class Objective:
     """Samples a trial's values, trains it as a child run, reports every epoch."""
 
-    def __init__(self, spec: SweepSpec, parent_run_id: str, progress: SweepProgress) -> None:
+    def __init__(
+        self,
+        spec: SweepSpec,
+        parent_run_id: str,
+        progress: SweepProgress,
+        backbones: BackboneCache | None = None,
+    ) -> None:
         self.spec = spec
         self.parent_run_id = parent_run_id
         self.progress = progress
         self.data = DataMemo()
-        self.backbones = BackboneCache()
+        self.backbones = backbones or BackboneCache()
         self.worker = ""  # recorded on each trial, to find a dead worker's trials
         self.on_start: Callable[[], None] = lambda: None  # called once the trial is RUNNING
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         trial.set_user_attr(WORKER_ATTR, self.worker)
+        for inherited in (RUN_ID_ATTR, FAIL_REASON_ATTR):  # a retry copies the lost trial's
+            if trial.user_attrs.get(inherited):
+                trial.set_user_attr(inherited, None)
         self.on_start()
         params = {dim.key: suggest(trial, dim) for dim in self.spec.space}
         s = self.spec.settings
-        reporter = EpochReporter(trial, s.metric, s.resolved_direction)
+        multi = s.multi_objective
+        reporter = EpochReporter(trial, s.metric, s.resolved_direction, report=not multi)
+        costs: dict[str, float] = {}
         tags = {
             "tlsweep.study": s.study_name,
             "tlsweep.trial_number": str(trial.number),
@@ -59,15 +79,18 @@ class Objective:
                 )
                 prepared = prepare(cfg, load=self.data.load, backbones=self.backbones)
                 callbacks = [reporter, self.progress.epoch_callback(trial.number, cfg)]
-                execute(
+                result = execute(
                     run_id,
                     cfg,
                     prepared,
                     callbacks,
                     log_model=lambda _: (
-                        not reporter.stop_run and self._is_new_best(trial, reporter.best)
+                        multi or (not reporter.stop_run and self._is_new_best(trial, reporter.best))
                     ),
                 )
+                if not reporter.stop_run:
+                    costs = measure_costs(result.model, self.spec)
+                    tracking.log_trial_costs(run_id, costs)
                 state = "PRUNED" if reporter.stop_run else "COMPLETE"
                 tracking.set_tags(run_id, {"tlsweep.trial_state": state})
         except BaseException as exc:  # Ctrl-C too: Optuna records it as FAIL, so must we
@@ -81,9 +104,15 @@ class Objective:
             )
             raise
         self.progress.trial_finished(trial.number, state, reporter.best, time.monotonic() - started)
+        if costs:
+            shown = "  ".join(f"{k}={_short(v)}" for k, v in costs.items())
+            self.progress.console.print(f"{self.progress.prefix}     {shown}")
         if reporter.stop_run:
             raise optuna.TrialPruned(f"pruned after epoch {reporter.last_step}")
-        return reporter.best
+        if not multi:
+            return reporter.best
+        values = {s.metric: reporter.best, **costs}
+        return tuple(values[name] for name in s.objective_names)
 
     @staticmethod
     def _is_new_best(trial: optuna.Trial, value: float) -> bool:
@@ -100,9 +129,12 @@ class Objective:
 class EpochReporter(keras.callbacks.Callback):
     """Reports the metric to Optuna every epoch; asks the pruner; tracks the best epoch."""
 
-    def __init__(self, trial: optuna.Trial, metric: str, direction: str) -> None:
+    def __init__(
+        self, trial: optuna.Trial, metric: str, direction: str, report: bool = True
+    ) -> None:
         super().__init__()
         self.trial = trial
+        self.report = report  # False: only track the best epoch (multi-objective studies)
         self.metric = metric
         self.maximize = direction == "maximize"
         self.best = float("-inf") if self.maximize else float("inf")
@@ -113,10 +145,29 @@ class EpochReporter(keras.callbacks.Callback):
         value = float((logs or {})[self.metric])
         self.best = max(self.best, value) if self.maximize else min(self.best, value)
         self.last_step = epoch + 1
+        if not self.report:
+            return
         self.trial.report(value, step=self.last_step)
         if self.trial.should_prune():
             self.stop_run = True
             self.model.stop_training = True
+
+
+def measure_costs(model: keras.Model, spec: SweepSpec) -> dict[str, float]:
+    """The cost objectives of the sweep, measured on a trained raw-image model."""
+    names = spec.settings.objective_names
+    costs: dict[str, float] = {}
+    if "latency_ms" in names:
+        s = spec.settings
+        latency = measure_latency(model, warmup=s.latency_warmup, repeats=s.latency_repeats)
+        costs["latency_ms"] = latency.median_ms
+    if "params" in names:
+        costs["params"] = float(parameter_counts(model)["total_params"])
+    return costs
+
+
+def _short(value: float) -> str:
+    return f"{value:.0f}" if value >= 1000 else f"{value:.4g}"
 
 
 class DataMemo:

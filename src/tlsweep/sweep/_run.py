@@ -11,22 +11,29 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 import optuna
+import pandas as pd
 from optuna.trial import TrialState
 
 from tlsweep import tracking
+from tlsweep.backbones import BackboneCache
 from tlsweep.config import Config, load_config
 from tlsweep.progress import SweepProgress
 from tlsweep.sweep import _samplers
 from tlsweep.sweep._common import ENDED_STATES, FINISHED_STATES, PARENT_RUN_ATTR, count
 from tlsweep.sweep._objective import Objective
-from tlsweep.sweep._storage import StudyLock, open_storage, open_study, storage_url
+from tlsweep.sweep._storage import (
+    SESSIONS_ATTR,
+    StudyLock,
+    open_storage,
+    open_study,
+    sessions_opened,
+    storage_url,
+)
 from tlsweep.sweep._summary import SweepSummary, parent_tags, summarize
 from tlsweep.sweepspec import SweepSpec
-
-SESSIONS_ATTR = "tlsweep_sessions"  # how many processes have opened the study
 
 
 @dataclass
@@ -39,6 +46,7 @@ class Session:
     lock: StudyLock
     parent_run_id: str
     base: Config
+    backbones: BackboneCache = field(default_factory=BackboneCache)  # trials and the champion
 
 
 def run_sweep(spec: SweepSpec, progress: SweepProgress | None = None) -> SweepSummary:
@@ -60,43 +68,30 @@ def run_worker(spec: SweepSpec) -> None:
 
 
 def open_session(spec: SweepSpec, workers: int = 1) -> Session:
-    """Check the settings, open storage and study, and the parent run (created once)."""
+    """Check the settings, open storage and study, and the parent run (created once).
+
+    The sampler is built once, under the study lock, seeded with ``seed + session number``
+    (the number of processes that opened the study before this one): a fresh one-process
+    sweep repeats exactly, while a resumed sweep or a second worker does not redraw the same
+    values (the grid keeps ``seed``: see `sampler_factory`).
+    """
     s = spec.settings
     base = load_config([*spec.base, f"train.early_stopping.monitor={s.metric}"])
-    _samplers.make_sampler(s, spec.space), _samplers.make_pruner(s)  # refuse bad settings early
+    sampler_for = _samplers.sampler_factory(s, spec.space)  # refuse bad settings early
+    pruner = _samplers.make_pruner(s)
     url = storage_url(s, workers)
     storage = open_storage(url, s)
-    study = open_study(spec, storage)
     lock = StudyLock(storage, url, s.study_name)
     tracking.connect(base.tracking)
     with lock.held():  # one parent run and distinct session numbers, however many start at once
+        session_number = sessions_opened(storage, s.study_name)
+        study = open_study(spec, storage, sampler_for(session_number), pruner)
         parent = tracking.open_parent_run(
             s.study_name, run_id=study.user_attrs.get(PARENT_RUN_ATTR), tags=parent_tags(spec, url)
         )
         study.set_user_attr(PARENT_RUN_ATTR, parent)
-        session_number = int(study.user_attrs.get(SESSIONS_ATTR, 0))
         study.set_user_attr(SESSIONS_ATTR, session_number + 1)
-    study = _with_session_seed(spec, storage, session_number)
     return Session(spec, url, study, lock, parent, base)
-
-
-def _with_session_seed(
-    spec: SweepSpec, storage: optuna.storages.BaseStorage, session_number: int
-) -> optuna.Study:
-    """The study with a sampler seeded by ``seed + session number``: a fresh one-process sweep
-    repeats exactly, while a resumed sweep or a second worker does not redraw the same values.
-    """
-    s = spec.settings
-    # Not for the grid: Optuna shuffles its grid with the seed, so grid ids keep their meaning
-    # only under one seed (and it picks among the unvisited points anyway).
-    offset = 0 if s.sampler == "grid" else session_number
-    settings = replace(s, seed=None if s.seed is None else s.seed + offset)
-    return optuna.load_study(
-        study_name=s.study_name,
-        storage=storage,
-        sampler=_samplers.make_sampler(settings, spec.space),
-        pruner=_samplers.make_pruner(settings),
-    )
 
 
 def work(session: Session, progress: SweepProgress, worker: str | None = None) -> None:
@@ -106,7 +101,7 @@ def work(session: Session, progress: SweepProgress, worker: str | None = None) -
     process; the loop also ends at the timeout and when a grid has every point done.
     """
     s, study = session.spec.settings, session.study
-    objective = Objective(session.spec, session.parent_run_id, progress)
+    objective = Objective(session.spec, session.parent_run_id, progress, session.backbones)
     objective.worker = worker or worker_id()
     deadline = None if s.timeout is None else time.monotonic() + s.timeout
     max_failures, failures = max(3, s.n_trials), 0
@@ -137,10 +132,22 @@ def work(session: Session, progress: SweepProgress, worker: str | None = None) -
 def finish(session: Session, progress: SweepProgress) -> SweepSummary:
     """Summarise on the parent run and mark it FINISHED."""
     with tracking.guard_run(session.parent_run_id, end=False):
-        summary = summarize(session.study, session.spec, session.parent_run_id)
+        summary = summarize(session.study, session.spec, session.parent_run_id, session.backbones)
     tracking.finish_run(session.parent_run_id)
     progress.finished(summary.leaderboard, summary.best_value, summary.champion_uri)
+    if summary.pareto_front is not None and len(summary.pareto_front):
+        show_front(summary.pareto_front, progress)
     return summary
+
+
+def show_front(front: pd.DataFrame, progress: SweepProgress) -> None:
+    """The Pareto front after the leaderboard: one line per member, with its model alias."""
+    from tlsweep.report import to_text
+
+    progress.console.print(
+        f"Pareto front ({len(front)} trials, best first on the first objective):"
+    )
+    progress.console.print(to_text(front.drop(columns=["run_id"])), soft_wrap=True)
 
 
 def finished(session: Session) -> int:

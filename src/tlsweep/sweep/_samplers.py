@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import optuna
@@ -11,30 +12,73 @@ from tlsweep.errors import UserError
 from tlsweep.sweep._common import FINISHED_STATES
 from tlsweep.sweepspec import Dimension, Scalar, SweepSettings
 
+SamplerFactory = Callable[[int], optuna.samplers.BaseSampler]
+
 
 def make_sampler(
-    settings: SweepSettings, space: tuple[Dimension, ...]
+    settings: SweepSettings, space: tuple[Dimension, ...], session: int = 0
 ) -> optuna.samplers.BaseSampler:
-    """The sampler named by ``sweep.sampler``, seeded by ``sweep.seed``."""
-    seed = settings.seed
+    """The sampler named by ``sweep.sampler``, seeded by ``sweep.seed`` (+ ``session``)."""
+    return sampler_factory(settings, space)(session)
+
+
+def sampler_factory(settings: SweepSettings, space: tuple[Dimension, ...]) -> SamplerFactory:
+    """Check ``sweep.sampler`` and ``sweep.sampler_options`` now (bad ones raise `UserError`
+    before anything is opened); the returned function builds the sampler of session k once the
+    session number is known: seeded with ``seed + k``, so that a resumed sweep or a second
+    worker does not redraw the first session's values. Not the grid: Optuna shuffles its grid
+    with the seed, so grid ids keep their meaning only under one seed (and it picks among the
+    unvisited points anyway)."""
     name = settings.sampler
+    options = dict(settings.sampler_options)
+    args: tuple = ()
+    defaults: dict[str, object] = {}
+    cls: Callable[..., optuna.samplers.BaseSampler]
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, settings.n_trials))
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "grid":
-        return _ResumableGridSampler({d.key: d.grid_values() for d in space}, seed=seed)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    if name == "qmc":
-        return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
-    if name == "gp":
+        cls, defaults = optuna.samplers.TPESampler, {"n_startup_trials": min(5, settings.n_trials)}
+    elif name == "random":
+        cls = optuna.samplers.RandomSampler
+    elif name == "grid":
+        cls, args = _ResumableGridSampler, ({d.key: d.grid_values() for d in space},)
+    elif name == "cmaes":
+        cls, defaults = optuna.samplers.CmaEsSampler, {"warn_independent_sampling": False}
+    elif name == "qmc":
+        cls, defaults = optuna.samplers.QMCSampler, {"warn_independent_sampling": False}
+    elif name in ("nsga2", "nsga3"):
+        cls = optuna.samplers.NSGAIISampler if name == "nsga2" else optuna.samplers.NSGAIIISampler
+        defaults = {"population_size": nsga_population(settings.n_trials)}
+    elif name == "gp":
         try:
             import torch  # noqa: F401  (GPSampler's requirement)
         except ImportError:
             raise UserError("sweep.sampler=gp needs PyTorch: pip install torch") from None
-        return optuna.samplers.GPSampler(seed=seed)
-    raise UserError(f"sweep.sampler={name} is not allowed")
+        cls = optuna.samplers.GPSampler
+    else:
+        raise UserError(f"sweep.sampler={name} is not allowed")
+    if "seed" in options:
+        raise UserError("sweep.sampler_options.seed is not allowed: set sweep.seed")
+    kwargs = {**defaults, **options}
+    try:
+        inspect.signature(cls).bind(*args, seed=None, **kwargs)
+    except TypeError as exc:
+        raise UserError(f"sweep.sampler_options={options} do not fit {name}: {exc}") from None
+
+    def build(session: int = 0) -> optuna.samplers.BaseSampler:
+        offset = 0 if name == "grid" else session
+        seed = None if settings.seed is None else settings.seed + offset
+        try:
+            return cls(*args, seed=seed, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"sweep.sampler_options={options} do not fit {name}: {exc}") from None
+
+    return build
+
+
+def nsga_population(n_trials: int) -> int:
+    """NSGA-II/III generation size: Optuna's 50 would leave a short sweep all random; a
+    quarter of the trials gives a few generations. At least 6: smaller generations breed
+    near-copies of their few parents (identical trials, wasted)."""
+    return min(50, max(6, n_trials // 4))
 
 
 class _ResumableGridSampler(optuna.samplers.GridSampler):

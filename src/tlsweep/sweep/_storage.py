@@ -31,7 +31,7 @@ from tlsweep.sweepspec import SweepSettings, SweepSpec
 
 DEFAULT_STORAGE = Path("mlruns") / "optuna.db"
 DEFAULT_JOURNAL = Path("mlruns") / "optuna.journal"
-RETRY_OF_ATTR = "retry_of"
+SESSIONS_ATTR = "tlsweep_sessions"  # how many processes have opened the study
 
 
 def storage_url(settings: SweepSettings, workers: int = 1) -> str:
@@ -96,24 +96,61 @@ def _rdb_storage(
     raise AssertionError("unreachable")
 
 
-def open_study(spec: SweepSpec, storage: optuna.storages.BaseStorage) -> optuna.Study:
-    """Create the study, or load it to resume; the sampler and pruner are this session's."""
+def open_study(
+    spec: SweepSpec,
+    storage: optuna.storages.BaseStorage,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+) -> optuna.Study:
+    """Create the study, or load it to resume, with this session's sampler and pruner (built
+    from the settings unless given). A study's directions and objective names are fixed."""
     s = spec.settings
+    directions = [direction for _, direction in s.objective_pairs]
     study = optuna.create_study(
         study_name=s.study_name,
         storage=storage,
-        sampler=_samplers.make_sampler(s, spec.space),
-        pruner=_samplers.make_pruner(s),
-        direction=s.resolved_direction,
+        sampler=_samplers.make_sampler(s, spec.space) if sampler is None else sampler,
+        pruner=_samplers.make_pruner(s) if pruner is None else pruner,
+        directions=directions,
         load_if_exists=True,
     )
-    existing = study.direction.name.lower()
-    if existing != s.resolved_direction:
+    existing = [d.name.lower() for d in study.directions]
+    if existing != directions:
+        if len(existing) == len(directions) == 1:
+            raise UserError(
+                f"study {s.study_name} exists with direction {existing[0]}; sweep.direction="
+                f"{directions[0]} would corrupt it; use another sweep.study_name"
+            )
         raise UserError(
-            f"study {s.study_name} exists with direction {existing}; sweep.direction="
-            f"{s.resolved_direction} would corrupt it; use another sweep.study_name"
+            f"study {s.study_name} exists with objectives {_describe(study)}; "
+            f"sweep.objectives={dict(s.objective_pairs)} would corrupt it; "
+            "use another sweep.study_name"
+        )
+    if study.metric_names is None:
+        study.set_metric_names(s.objective_names)
+    elif len(directions) > 1 and study.metric_names != s.objective_names:
+        raise UserError(
+            f"study {s.study_name} exists with objectives {_describe(study)}; "
+            f"sweep.objectives={dict(s.objective_pairs)} would corrupt it; "
+            "use another sweep.study_name"
         )
     return study
+
+
+def _describe(study: optuna.Study) -> dict[str, str] | list[str]:
+    directions = [d.name.lower() for d in study.directions]
+    if study.metric_names and len(study.metric_names) == len(directions):
+        return dict(zip(study.metric_names, directions, strict=True))
+    return directions
+
+
+def sessions_opened(storage: optuna.storages.BaseStorage, study_name: str) -> int:
+    """How many processes have opened the study so far (0 for a study not yet created)."""
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return 0
+    return int(storage.get_study_user_attrs(study_id).get(SESSIONS_ATTR, 0))
 
 
 def load_study(study_name: str, storage: str | None = None) -> optuna.Study:
@@ -196,34 +233,34 @@ class RetryLostTrial:
 
 
 def fail_lost_trials(study: optuna.Study, worker: str, reason: str, max_retry: int) -> list[int]:
-    """Fail the trials ``worker`` was running (it died), close their runs, queue retries."""
+    """Fail the trials ``worker`` was running (it died), close their runs, queue retries the
+    way Optuna's heartbeat callback does (a WAITING copy with the same parameters)."""
     lost = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if t.user_attrs.get(WORKER_ATTR) == worker
     ]
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
     for trial in lost:
         # Optuna has no public setter for another process's trial; the storage call is the one
         # its own heartbeat callbacks use.
         study._storage.set_trial_user_attr(trial._trial_id, FAIL_REASON_ATTR, reason)
         study.tell(trial.number, state=TrialState.FAIL)
+        retry(study, study.trials[trial.number])
         _close_lost_run(trial, reason)
-        retries = int(trial.user_attrs.get("retries", 0))
-        if retries < max_retry:
-            study.enqueue_trial(
-                trial.params, user_attrs={RETRY_OF_ATTR: _original(trial), "retries": retries + 1}
-            )
     return [t.number for t in lost]
+
+
+def retry_of(trial: FrozenTrial) -> int | None:
+    """The number of the lost trial that ``trial`` retries (the first of a chain), or None."""
+    history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trial)
+    return history[0] if history else None
 
 
 def _close_lost_run(trial: FrozenTrial, reason: str) -> None:
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
     if run_id:
         tracking.close_lost_run(run_id, f"trial {trial.number} lost: {reason}")
-
-
-def _original(trial: FrozenTrial) -> int:
-    return int(trial.user_attrs.get(RETRY_OF_ATTR, trial.number))
 
 
 def _lock_path(url: str, study_name: str) -> Path | None:

@@ -1,4 +1,11 @@
-"""The end of a sweep: leaderboard, Optuna's plots, best trial and champion model."""
+"""The end of a sweep: leaderboard, Optuna's plots, best trial and champion model.
+
+With several objectives the best trials form a Pareto front (``study.best_trials``): every
+member's full model is assembled and registered under the study name with the alias
+``pareto-K`` (K = 1 is the best on the first objective), the best on the training metric is
+also ``champion``, and the front is logged as ``pareto.csv``/``.md`` and
+``plots/pareto_front.png``.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +19,13 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from tlsweep import report, tracking
+from tlsweep.backbones import BackboneCache
 from tlsweep.errors import UserError
 from tlsweep.experiment import materialize_model
+from tlsweep.report import STATE_ORDER
 from tlsweep.sweep._common import FAIL_REASON_ATTR, PARENT_RUN_ATTR, RUN_ID_ATTR, count
 from tlsweep.sweep._storage import load_study
-from tlsweep.sweepspec import Dimension, SweepSpec
+from tlsweep.sweepspec import EPOCH_METRICS, Dimension, SweepSpec
 
 
 @dataclass(frozen=True)
@@ -29,13 +38,19 @@ class SweepSummary:
     best_run_id: str | None
     best_value: float | None
     champion_uri: str | None
+    pareto_front: pd.DataFrame | None = None  # multi-objective sweeps: the front, with aliases
 
 
-def summarize(study: optuna.Study, spec: SweepSpec, parent_run_id: str) -> SweepSummary:
+def summarize(
+    study: optuna.Study,
+    spec: SweepSpec,
+    parent_run_id: str,
+    backbones: BackboneCache | None = None,
+) -> SweepSummary:
     """Leaderboard, plots, best trial and the registered champion, all on the parent run."""
     s = spec.settings
     board = leaderboard(study, parent_run_id)
-    tracking.log_leaderboard(parent_run_id, board, s.metric)
+    tracking.log_leaderboard(parent_run_id, board, ", ".join(s.objective_names))
     figures = optuna_figures(study)
     try:
         tracking.log_figures(parent_run_id, figures)
@@ -49,6 +64,8 @@ def summarize(study: optuna.Study, spec: SweepSpec, parent_run_id: str) -> Sweep
         for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     }
     tracking.log_parent_metrics(parent_run_id, {f"trials_{k}": v for k, v in counts.items()})
+    if _is_multi(study):
+        return _summarize_front(study, spec, parent_run_id, board, backbones)
     best = _best_trial(study)
     if best is None:
         return SweepSummary(s.study_name, parent_run_id, board, None, None, None)
@@ -62,13 +79,108 @@ def summarize(study: optuna.Study, spec: SweepSpec, parent_run_id: str) -> Sweep
         {"best_value": best.value, **_test_metrics(row)},
     )
     champion = None
-    if best_run and materialize_model(best_run):
+    if best_run and materialize_model(best_run, backbones):
         champion = tracking.register_champion(best_run, s.study_name)
     return SweepSummary(s.study_name, parent_run_id, board, best_run, best.value, champion)
 
 
+def _summarize_front(
+    study: optuna.Study,
+    spec: SweepSpec,
+    parent_run_id: str,
+    board: pd.DataFrame,
+    backbones: BackboneCache | None = None,
+) -> SweepSummary:
+    """Materialize and register every front member, crown the best on the training metric."""
+    s = spec.settings
+    front = pareto_front(study)
+    champion = _best_trial(study)
+    if champion is None:
+        return SweepSummary(s.study_name, parent_run_id, board, None, None, None)
+    aliases: dict[str, str] = {}
+    for rank, trial in enumerate(front, 1):
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id and materialize_model(run_id, backbones):
+            aliases[f"pareto-{rank}"] = run_id
+    champion_run = champion.user_attrs.get(RUN_ID_ATTR)
+    if champion_run in aliases.values():
+        aliases["champion"] = champion_run
+    uris = tracking.register_aliases(s.study_name, aliases, stale_prefix="pareto-")
+    table = front_table(study, front, board, uris)
+    tracking.log_table(parent_run_id, table, "pareto")
+    primary = _primary_index(study)
+    row = board[board["trial"] == champion.number].iloc[0].to_dict()
+    costs = {
+        f"best_{name}": value
+        for i, (name, value) in enumerate(
+            zip(_objective_names(study), champion.values, strict=True)
+        )
+        if i != primary
+    }
+    tracking.record_best(
+        parent_run_id,
+        champion.number,
+        champion_run,
+        champion.params,
+        {
+            "best_value": champion.values[primary],
+            **costs,
+            **_test_metrics(row),
+            "pareto_front_size": len(front),
+        },
+    )
+    return SweepSummary(
+        s.study_name,
+        parent_run_id,
+        board,
+        champion_run,
+        champion.values[primary],
+        uris.get("champion"),
+        table,
+    )
+
+
+def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """``study.best_trials``, best first on the first objective (ties: on the next ones)."""
+    return sorted(study.best_trials, key=lambda t: (_signed(study, t), t.number))
+
+
+def front_table(
+    study: optuna.Study,
+    front: list[optuna.trial.FrozenTrial],
+    board: pd.DataFrame,
+    uris: dict[str, str],
+) -> pd.DataFrame:
+    """One row per front member: its alias, objective values, params, run and test metrics."""
+    champion = _champion_number(study) if "champion" in uris else None
+    extra = [c for c in ("test_accuracy", "test_f1_macro") if c in board.columns]
+    by_trial = board.set_index("trial")
+    rows = []
+    for rank, trial in enumerate(front, 1):
+        rows.append(
+            {
+                "rank": rank,
+                "trial": trial.number,
+                **dict(zip(_objective_names(study), trial.values, strict=True)),
+                **trial.params,
+                **{c: by_trial.at[trial.number, c] for c in extra},
+                "model": uris.get(f"pareto-{rank}", ""),
+                "champion": "yes" if trial.number == champion else "",
+                "run_id": trial.user_attrs.get(RUN_ID_ATTR),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def leaderboard(study: optuna.Study, parent_run_id: str | None = None) -> pd.DataFrame:
-    """All trials, best first, joined with their runs' final metrics."""
+    """All trials, best first, joined with their runs' final metrics.
+
+    Several objectives: a column per objective and ``pareto_rank`` (1: on the Pareto front,
+    2: on the front once those are removed, ...); ranked trials first, by rank then by the
+    first objective.
+    """
+    if _is_multi(study):
+        return _multi_objective_leaderboard(study, parent_run_id)
     rows = []
     for t in study.get_trials(deepcopy=False):
         value = t.value if t.state == TrialState.COMPLETE else _best_intermediate(t, study)
@@ -89,17 +201,93 @@ def leaderboard(study: optuna.Study, parent_run_id: str | None = None) -> pd.Dat
     return report.leaderboard(trials, runs, maximize=maximize)
 
 
+def _multi_objective_leaderboard(
+    study: optuna.Study, parent_run_id: str | None = None
+) -> pd.DataFrame:
+    names = _objective_names(study)
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None]
+    ranks = pareto_ranks([_signed(study, t) for t in complete])
+    rank_of = {t.number: r for t, r in zip(complete, ranks, strict=True)}
+    order = sorted(
+        trials, key=lambda t: (rank_of.get(t.number, len(trials) + 1), _order_key(study, t))
+    )
+    position = {t.number: i for i, t in enumerate(order)}
+    rows = []
+    for t in trials:
+        values = t.values if t.state == TrialState.COMPLETE and t.values else [None] * len(names)
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name,
+                "value": position[t.number],  # the sort key: dropped below
+                "pareto_rank": rank_of.get(t.number),
+                **dict(zip(names, values, strict=True)),
+                **t.params,
+                "duration_s": t.duration.total_seconds() if t.duration else None,
+                "run_id": t.user_attrs.get(RUN_ID_ATTR),
+                "reason": t.user_attrs.get(FAIL_REASON_ATTR),
+            }
+        )
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    runs = tracking.child_runs_frame(parent_run_id) if parent_run_id else None
+    board = report.leaderboard(frame, runs, maximize=False).drop(columns="value")
+    if "pareto_rank" in board.columns:
+        board["pareto_rank"] = board["pareto_rank"].astype("Int64")
+    return board
+
+
+def pareto_ranks(points: list[tuple[float, ...]]) -> list[int]:
+    """Non-domination rank of each point (all objectives minimized): 1 for the Pareto front,
+    2 for the front of what remains, and so on."""
+    ranks = [0] * len(points)
+    left = set(range(len(points)))
+    rank = 0
+    while left:
+        rank += 1
+        layer = {
+            i for i in left if not any(_dominates(points[j], points[i]) for j in left if j != i)
+        }
+        for i in layer:
+            ranks[i] = rank
+        left -= layer
+    return ranks
+
+
+def _dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
+
+
 def optuna_figures(study: optuna.Study) -> dict[str, Any]:
-    """Optuna's matplotlib plots; those that cannot be drawn yet (too few trials) are left out."""
+    """Optuna's matplotlib plots; those that cannot be drawn yet (too few trials) are left out.
+
+    Several objectives: the Pareto front (2 or 3 objectives), and the others drawn for the
+    training metric.
+    """
+    from functools import partial
+
     from optuna.visualization import matplotlib as ovm
 
-    plots = {
+    plots: dict[str, Any] = {
         "optimization_history": ovm.plot_optimization_history,
         "param_importances": ovm.plot_param_importances,
         "parallel_coordinate": ovm.plot_parallel_coordinate,
         "slice": ovm.plot_slice,
         "intermediate_values": ovm.plot_intermediate_values,
     }
+    if _is_multi(study):
+        names, primary = _objective_names(study), _primary_index(study)
+        target = partial(_value_of, index=primary)
+        plots = {
+            "pareto_front": partial(ovm.plot_pareto_front, target_names=names),
+            **{
+                key: partial(plot, target=target, target_name=names[primary])
+                for key, plot in plots.items()
+                if key != "intermediate_values"
+            },
+        }
     figures = {}
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no completed trials yet" and such
@@ -130,10 +318,59 @@ def parent_run_id(study: optuna.Study) -> str | None:
 
 
 def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The best trial; with several objectives the front member best on the training metric
+    (the champion)."""
+    if _is_multi(study):
+        front = study.best_trials
+        primary = _primary_index(study)
+        if not front:
+            return None
+        return min(front, key=lambda t: (_signed(study, t)[primary], _signed(study, t), t.number))
     try:
         return study.best_trial
     except ValueError:
         return None
+
+
+def _champion_number(study: optuna.Study) -> int | None:
+    best = _best_trial(study)
+    return None if best is None else best.number
+
+
+def _is_multi(study: optuna.Study) -> bool:
+    return len(study.directions) > 1
+
+
+def _objective_names(study: optuna.Study) -> list[str]:
+    names = study.metric_names
+    if names and len(names) == len(study.directions):
+        return list(names)
+    return [f"objective_{i}" for i in range(len(study.directions))]
+
+
+def _primary_index(study: optuna.Study) -> int:
+    """Where the training metric is among the objectives (the first objective if unknown)."""
+    names = _objective_names(study)
+    return next((i for i, name in enumerate(names) if name in EPOCH_METRICS), 0)
+
+
+def _signed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
+    """The trial's values, negated where maximized: smaller is better in every position."""
+    return tuple(
+        -v if d == optuna.study.StudyDirection.MAXIMIZE else v
+        for v, d in zip(trial.values, study.directions, strict=True)
+    )
+
+
+def _order_key(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple:
+    state = STATE_ORDER.get(trial.state.name, 9)
+    if trial.state == TrialState.COMPLETE and trial.values:
+        return (state, _signed(study, trial), trial.number)
+    return (state, (), trial.number)
+
+
+def _value_of(trial: optuna.trial.FrozenTrial, index: int) -> float:
+    return trial.values[index]
 
 
 def _best_intermediate(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> float | None:

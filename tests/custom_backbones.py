@@ -1,0 +1,34 @@
+"""Backbones for ``backbone=custom`` tests: small models a test saves or names as ``_target_``.
+
+Importable by tests as ``custom_backbones`` (pytest puts ``tests/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+
+
+def tiny_convnet(
+    input_shape: tuple[int, int, int] = (None, None, 3), width: int = 4, classes: int = 3
+) -> keras.Model:
+    """Conv2D -> Conv2D -> GlobalAveragePooling -> Dense: a "pretrained" model with a top."""
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(width, 3, strides=2, activation="relu", name="conv_a")(inputs)
+    x = keras.layers.Conv2D(2 * width, 3, strides=2, activation="relu", name="conv_b")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="top")(x)
+    return keras.Model(inputs, outputs, name="tiny_convnet")
+
+
+def save_tiny_convnet(path: Path, **kwargs: object) -> Path:
+    """``tiny_convnet`` with shifted (recognisable) weights, saved as ``path`` (.keras)."""
+    model = tiny_convnet(**kwargs)
+    model.set_weights([w + 0.05 for w in model.get_weights()])
+    model.save(path)
+    return path
+
+
+def not_a_model(input_shape: tuple[int, int, int]) -> str:
+    return f"not a model {input_shape}"
