@@ -12,9 +12,15 @@ import numpy as np
 import pytest
 from keras.applications import imagenet_utils
 
-from tlsweep.backbones import build_backbone, preprocess_mode, preprocessing_layers
+from tlsweep.backbones import (
+    BackboneCache,
+    build_backbone,
+    preprocess_mode,
+    preprocessing_layers,
+)
 from tlsweep.config import BackboneConfig, Config, group_choices, load_config
 from tlsweep.errors import UserError
+from tlsweep.model import build_classifier, build_trunk
 
 # Each architecture's own preprocess_input, named here independently of tlsweep's lookup.
 PREPROCESS_INPUT = {
@@ -323,3 +329,65 @@ def test_custom_backbone_feature_cache_key(saved_convnet: Path, tmp_path: Path) 
         load_config(["backbone.weights=null"]), None, np.dtype("float32"), weights_sha256="same"
     )
     assert "custom" not in resnet  # the other backbones' keys are unchanged
+
+
+# --- BackboneCache: reuse across trials ----------------------------------------------------------
+
+
+def test_backbone_cache_reuses_and_restores_a_fine_tuned_backbone(
+    make_config: Callable[..., Config],
+) -> None:
+    cfg = make_config()
+    cache = BackboneCache(capacity=1)
+    backbone, digest = cache.get(cfg.backbone, cfg.seed)
+    first = keras.ops.convert_to_numpy(backbone.weights[0]).copy()
+    backbone.trainable = True  # as a fine-tuning stage leaves it
+    backbone.weights[0].assign(first + 1.0)
+
+    again, again_digest = cache.get(cfg.backbone, cfg.seed)
+
+    assert again is backbone and again_digest == digest
+    assert not again.trainable
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(again.weights[0]), first)
+    other, _ = cache.get(cfg.backbone, cfg.seed + 1)  # another random init: built anew
+    assert other is not backbone
+
+
+def test_backbone_cache_keeps_derived_graphs_while_the_backbone_is_cached(
+    make_config: Callable[..., Config],
+) -> None:
+    cfg = make_config()
+    cache = BackboneCache(capacity=1)
+    cache.get(cfg.backbone, cfg.seed)
+    builds: list[int] = []
+
+    def build() -> int:
+        builds.append(1)
+        return len(builds)
+
+    assert cache.derived(cfg.backbone, cfg.seed, "trunk:avg", build) == 1
+    assert cache.derived(cfg.backbone, cfg.seed, "trunk:avg", build) == 1  # kept
+    assert cache.derived(cfg.backbone, cfg.seed, "trunk:max", build) == 2  # another name
+    cache.get(cfg.backbone, cfg.seed + 1)  # evicts the first backbone, and what it derived
+    cache.get(cfg.backbone, cfg.seed)
+    assert cache.derived(cfg.backbone, cfg.seed, "trunk:avg", build) == 3
+    uncached = BackboneCache(capacity=0)
+    assert uncached.derived(cfg.backbone, cfg.seed, "trunk:avg", build) == 4  # nothing kept
+    assert uncached.derived(cfg.backbone, cfg.seed, "trunk:avg", build) == 5
+
+
+def test_classifiers_sharing_a_trunk_match_one_built_alone(
+    make_config: Callable[..., Config],
+) -> None:
+    """A trial's classifier on the cached trunk computes what a freshly built one does."""
+    cfg = make_config()
+    backbone = build_backbone(cfg.backbone)
+    trunk = build_trunk(cfg.backbone, cfg.head.pooling, backbone)
+    first = build_classifier(cfg.backbone, cfg.head, 3, trunk=trunk)
+    second = build_classifier(cfg.backbone, cfg.head, 3, trunk=trunk)
+    alone = build_classifier(cfg.backbone, cfg.head, 3, backbone=backbone)
+    alone.get_layer("head").set_weights(second.get_layer("head").get_weights())
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(second.predict(images, verbose=0), alone.predict(images, verbose=0))
+    assert [layer.name for layer in second.layers] == [layer.name for layer in alone.layers]
+    assert first.get_layer("head") is not second.get_layer("head")

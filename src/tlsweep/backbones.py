@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, TypeVar
 
 import keras
 import numpy as np
@@ -31,6 +32,7 @@ from tlsweep.errors import UserError
 IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN = (0.485, 0.456, 0.406)
 TORCH_STD = (0.229, 0.224, 0.225)
+T = TypeVar("T")
 
 
 def constructor(architecture: str) -> Callable[..., keras.Model]:
@@ -400,6 +402,18 @@ class BackboneCache:
     def __init__(self, capacity: int = 2) -> None:
         self.capacity = capacity
         self._entries: OrderedDict[str, tuple[keras.Model, list[np.ndarray], str]] = OrderedDict()
+        self._derived: dict[tuple[str, str], Any] = {}
+
+    def derived(self, cfg: BackboneConfig, seed: int, name: str, build: Callable[[], T]) -> T:
+        """``build()``'s result, kept with the backbone for ``cfg`` (built once while that
+        backbone stays cached): e.g. the symbolic graph up to pooling, so that a trial only
+        adds its head instead of tracing the backbone's layers again."""
+        key = (self._key(cfg, seed), name)
+        if key[0] not in self._entries:
+            return build()
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def get(self, cfg: BackboneConfig, seed: int) -> tuple[keras.Model, str]:
         """The frozen backbone for ``cfg`` and the content hash of its weights."""
@@ -416,7 +430,8 @@ class BackboneCache:
         if self.capacity > 0:
             self._entries[key] = (backbone, backbone.get_weights(), digest)
             while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+                evicted, _ = self._entries.popitem(last=False)
+                self._derived = {k: v for k, v in self._derived.items() if k[0] != evicted}
         return backbone, digest
 
     @staticmethod

@@ -19,7 +19,7 @@ from tlsweep.backbones import BackboneCache
 from tlsweep.config import Config, DataConfig, to_config
 from tlsweep.data import ImageData, load_data
 from tlsweep.features import cached_features
-from tlsweep.model import build_classifier, head_of, parameter_counts
+from tlsweep.model import build_classifier, build_trunk, head_of, parameter_counts
 from tlsweep.train import (
     TrainResult,
     configure_devices,
@@ -62,9 +62,16 @@ def prepare(
     seed_everything(cfg.seed, cfg.train.deterministic)
     device = configure_devices(cfg.train.mixed_precision)
     data = load(cfg.data, cfg.backbone.input_size)
-    backbone, digest = (backbones or BackboneCache(capacity=0)).get(cfg.backbone, cfg.seed)
+    backbones = backbones or BackboneCache(capacity=0)
+    backbone, digest = backbones.get(cfg.backbone, cfg.seed)
+    trunk = backbones.derived(
+        cfg.backbone,
+        cfg.seed,
+        f"trunk:{cfg.head.pooling}",
+        lambda: build_trunk(cfg.backbone, cfg.head.pooling, backbone),
+    )
     seed_everything(cfg.seed, cfg.train.deterministic)
-    model = build_classifier(cfg.backbone, cfg.head, data.num_classes, backbone=backbone)
+    model = build_classifier(cfg.backbone, cfg.head, data.num_classes, trunk=trunk)
     return Prepared(data=data, model=model, device=device, backbone_digest=digest)
 
 

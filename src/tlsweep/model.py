@@ -32,24 +32,37 @@ POOLING_LAYERS = {
 }
 
 
+Trunk = tuple[keras.KerasTensor, keras.KerasTensor]  # the image input and the pooled output
+
+
 def build_classifier(
     backbone_cfg: BackboneConfig,
     head_cfg: HeadConfig,
     num_classes: int,
     backbone: keras.Model | None = None,
+    trunk: Trunk | None = None,
 ) -> keras.Model:
-    """The full raw-image model, with the backbone frozen (built here unless given)."""
+    """The full raw-image model, with the backbone frozen (built here unless given). A
+    ``trunk`` from `build_trunk` (same backbone and pooling) is reused as it is: only the head
+    is new, which spares tracing the backbone's layers again."""
+    if trunk is None:
+        backbone = backbone if backbone is not None else build_backbone(backbone_cfg)
+        trunk = build_trunk(backbone_cfg, head_cfg.pooling, backbone)
+    inputs, pooled = trunk
+    head = build_head(pooled.shape[1:], head_cfg, num_classes)
+    return keras.Model(inputs, head(pooled), name=f"{backbone_cfg.name}_classifier")
+
+
+def build_trunk(backbone_cfg: BackboneConfig, pooling: str, backbone: keras.Model) -> Trunk:
+    """Image input -> preprocessing -> ``backbone(training=False)`` -> pooling, symbolically."""
     size = backbone_cfg.input_size
     inputs = keras.Input((size, size, 3), name="image")
     preprocess = keras.Sequential(
         [keras.Input((size, size, 3)), *preprocessing_layers(preprocess_mode(backbone_cfg))],
         name="preprocess",
     )
-    backbone = backbone if backbone is not None else build_backbone(backbone_cfg)
     feature_map = backbone(preprocess(inputs), training=False)
-    pooled = POOLING_LAYERS[head_cfg.pooling](name=POOL_LAYER)(feature_map)
-    head = build_head(pooled.shape[1:], head_cfg, num_classes)
-    return keras.Model(inputs, head(pooled), name=f"{backbone_cfg.name}_classifier")
+    return inputs, POOLING_LAYERS[pooling](name=POOL_LAYER)(feature_map)
 
 
 def build_head(
