@@ -234,3 +234,44 @@ def test_cache_ls_lists_entries_and_clear_removes_them(
     assert store.entries() == []
     assert main(["cache", "ls", where]) == 0
     assert "0 entries" in capsys.readouterr().out
+
+
+# --- tlsweep report and tlsweep compare: bad input ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["report", "nosuch"], ["no sweep named 'nosuch'", "known: none yet"]),
+        (["report", "nosuch", "--top", "0"], ["--top=0", ">= 1"]),
+        (["compare", "0" * 32, "1" * 32], ["no MLflow run " + "0" * 32]),
+    ],
+    ids=["unknown-sweep", "bad-top", "unknown-run"],
+)
+def test_report_and_compare_bad_input_exit_2_with_one_line(
+    args: list[str],
+    fragments: list[str],
+    capfd: pytest.CaptureFixture[str],
+    store_runs: Callable[..., list],
+) -> None:
+    capfd.readouterr()
+    assert main(args) == 2
+    out, err = capfd.readouterr()
+    assert_one_error_line(err, *fragments)
+    assert out == ""
+    assert store_runs() == []
+    assert not list(Path.cwd().glob("*.html"))
+
+
+def test_compare_unknown_run_from_the_script(store_runs: Callable[..., list]) -> None:
+    """The console script: one line, exit 2, even when the first run exists and the second not."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    run = client.create_run(client.create_experiment("e"), run_name="real")
+    client.set_terminated(run.info.run_id)
+    done = tlsweep("compare", run.info.run_id, "f" * 32)
+    assert done.returncode == 2
+    assert_one_error_line(done.stderr, "no MLflow run " + "f" * 32)
+    assert done.stdout == ""
+    assert not list(Path.cwd().glob("*.html"))

@@ -67,3 +67,11 @@ def test_to_png_gives_a_decodable_image() -> None:
     assert data.startswith(PNG_MAGIC)
     image = Image.open(io.BytesIO(data))
     assert image.width > 200 and image.height > 100
+
+
+def test_to_png_closes_a_pyplot_figure() -> None:
+    figure, ax = plt.subplots()
+    ax.plot([1, 2], [3, 4])
+    assert figure.number in plt.get_fignums()
+    assert plots.to_png(figure).startswith(PNG_MAGIC)
+    assert figure.number not in plt.get_fignums()

@@ -1,13 +1,18 @@
-"""Leaderboards: ordering, the join with run metrics, Markdown, HTML and text renderings."""
+"""Leaderboards (ordering, the join with run metrics, Markdown, HTML and text renderings), the
+sweep report and the comparison of two runs (pages built from plain data, then end to end)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
 
 from tlsweep import report
+from tlsweep.cli import main
 
 
 def trials_frame() -> pd.DataFrame:
@@ -145,3 +150,346 @@ def test_input_is_not_modified(maximize: bool) -> None:
     before = trials.copy()
     report.leaderboard(trials, runs_frame(), maximize=maximize)
     pd.testing.assert_frame_equal(trials, before)
+
+
+# --- the sweep report and the comparison of two runs -------------------------------------------
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_png(color: str = "red") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 3), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def confusion() -> pd.DataFrame:
+    names = ["cat", "dog", "owl"]
+    return pd.DataFrame([[3, 1, 0], [2, 2, 0], [0, 0, 0]], index=names, columns=names)
+
+
+def embedded_pngs(page: str) -> list[bytes]:
+    import base64
+    import re
+
+    found = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    return [base64.b64decode(data) for data in found]
+
+
+def external_references(page: str) -> list[str]:
+    """Every src/href that would need something beyond the file itself."""
+    import re
+
+    targets = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)["']""", page)
+    return [t for t in targets if not t.startswith(("data:", "#"))]
+
+
+def test_per_class_accuracy_is_the_recall_of_each_true_class() -> None:
+    table = report.per_class_accuracy(confusion())
+    assert table["class"].tolist() == ["cat", "dog", "owl"]
+    assert table["accuracy"].tolist()[:2] == [0.75, 0.5]
+    assert math.isnan(table["accuracy"].iloc[2])  # no test image of that class
+    assert table["correct"].tolist() == [3, 2, 0]
+    assert table["support"].tolist() == [4, 4, 0]
+
+
+def test_param_differences_only_lists_what_differs() -> None:
+    a = {"head.dropout": "0.1", "seed": "0", "only_a": "x", "lr": "0.001"}
+    b = {"head.dropout": "0.5", "seed": "0", "only_b": "y", "lr": "0.001"}
+    table = report.param_differences(a, b, ["A", "B"])
+    assert table.columns.tolist() == ["param", "A", "B"]
+    assert table.to_dict("records") == [
+        {"param": "head.dropout", "A": "0.1", "B": "0.5"},
+        {"param": "only_a", "A": "x", "B": ""},
+        {"param": "only_b", "A": "", "B": "y"},
+    ]
+    assert report.param_differences(a, dict(a)).empty
+
+
+def test_metrics_side_by_side_test_and_best_first_with_difference() -> None:
+    a = {"loss": 0.5, "test_accuracy": 0.8, "best_val_accuracy": 0.85, "only_a": 1.0}
+    b = {"loss": 0.4, "test_accuracy": 0.9, "best_val_accuracy": 0.8}
+    table = report.metrics_side_by_side(a, b, ["A", "B"])
+    assert table["metric"].tolist() == ["test_accuracy", "best_val_accuracy", "loss", "only_a"]
+    assert table["difference"].tolist()[:3] == pytest.approx([0.1, -0.05, -0.1])
+    assert math.isnan(table["B"].iloc[3]) and math.isnan(table["difference"].iloc[3])
+
+
+def test_sweep_commands() -> None:
+    commands = [c for c, _ in report.sweep_commands("quickstart", "r1", "r2")]
+    assert commands == [
+        "tlsweep reproduce r1",
+        "tlsweep reproduce --best quickstart",
+        "tlsweep sweep quickstart",
+        "tlsweep runs quickstart",
+        "tlsweep compare r1 r2",
+        "tlsweep ui",
+    ]
+    stored = [c for c, _ in report.sweep_commands("s", None, None, "journal:///j.log")]
+    assert stored == [
+        "tlsweep sweep s sweep.storage=journal:///j.log",
+        "tlsweep runs s --storage journal:///j.log",
+        "tlsweep ui",
+    ]
+
+
+def sample_report(**changes) -> report.SweepReport:
+    board = report.leaderboard(trials_frame(), runs_frame(), maximize=True)
+    fields = {
+        "name": "tiny<sweep>",
+        "parent_run_id": "p0",
+        "experiment": "tiny",
+        "metric": "val_accuracy",
+        "direction": "maximize",
+        "board": board,
+        "settings": {"sampler": "tpe", "n_trials": "8"},
+        "base": ["backbone=resnet50", "data=digits"],
+        "space": {"head.dense_units": "choice(32, 64, 128, 256, 512)"},
+        "counts": {"complete": 4, "pruned": 2, "fail": 2},
+        "best": {"trial": 3, "run_id": "r3", "value": 0.95, "params": {"head.dense_units": 64}},
+        "optuna_plots": {"optimization_history": tiny_png("blue"), "slice": tiny_png("green")},
+        "curves_png": tiny_png("black"),
+        "curves_runs": ["r3", "r0"],
+        "best_evaluation": report.RunEvaluation("test", confusion(), tiny_png("white")),
+        "per_class_png": tiny_png("gray"),
+        "commands": report.sweep_commands("tiny", "r3", "r0"),
+        "generated": "2026-01-01 12:00",
+    }
+    return report.SweepReport(**{**fields, **changes})
+
+
+def test_sweep_report_is_one_self_contained_page() -> None:
+    page = report.sweep_report_html(sample_report())
+    assert page.startswith("<!doctype html>")
+    assert external_references(page) == []
+    assert "<script" not in page and "<link" not in page and "url(" not in page
+    images = embedded_pngs(page)
+    assert len(images) == 5  # 2 Optuna plots, curves, confusion matrix, per-class accuracy
+    assert all(image.startswith(PNG_MAGIC) for image in images)
+    for section in ("summary", "leaderboard", "optuna", "curves", "best", "settings", "reproduce"):
+        assert f"<section id='{section}'>" in page
+        assert f"href='#{section}'" in page
+    assert "tiny&lt;sweep&gt;" in page and "tiny<sweep>" not in page
+
+
+def test_sweep_report_content() -> None:
+    page = report.sweep_report_html(sample_report())
+    best_row = page[page.index("<tr class='best'>") :].split("</tr>")[0]
+    assert ">r3<" in best_row and ">0.95<" in best_row
+    assert page.count("<tr class='best'>") == 1
+    assert page.index(">r3<") < page.index(">r0<") < page.index(">r2<")  # leaderboard order
+    assert "trial 1: ValueError: boom" in page  # failed trials keep their reason
+    assert "choice(32, 64, 128, 256, 512)" in page
+    assert "backbone=resnet50\ndata=digits" in page
+    for command in ("tlsweep reproduce r3", "tlsweep reproduce --best tiny", "tlsweep sweep tiny"):
+        assert command in page
+    per_class = page[page.index("Per-class accuracy") :]
+    assert ">0.75<" in per_class and ">cat<" in per_class
+
+
+def test_sweep_report_without_trials_or_figures() -> None:
+    page = report.sweep_report_html(
+        sample_report(
+            board=pd.DataFrame(),
+            best={},
+            optuna_plots={},
+            curves_png=None,
+            best_evaluation=None,
+            per_class_png=None,
+        )
+    )
+    assert "no trials yet" in page
+    assert embedded_pngs(page) == []
+    assert "<section id='optuna'>" not in page and "<section id='curves'>" not in page
+
+
+def test_comparison_page() -> None:
+    runs = [
+        {"run_id": "a" * 32, "run_name": "trial-0", "status": "FINISHED", "experiment": "tiny"},
+        {"run_id": "b" * 32, "run_name": "trial-1", "status": "FINISHED", "experiment": "tiny"},
+    ]
+    labels = ["A: trial-0", "B: trial-1"]
+    params = report.param_differences({"head.dropout": "0.0"}, {"head.dropout": "0.5"}, labels)
+    metrics = report.metrics_side_by_side({"test_accuracy": 0.5}, {"test_accuracy": 0.75}, labels)
+    comparison = report.RunComparison(
+        runs=runs,
+        labels=labels,
+        params=params,
+        metrics=metrics,
+        same_params=41,
+        curves_png=tiny_png(),
+        evaluations=[report.RunEvaluation("test", confusion(), tiny_png()), None],
+    )
+    page = report.comparison_html(comparison)
+    assert external_references(page) == []
+    assert len(embedded_pngs(page)) == 2  # the curves and A's confusion matrix
+    assert "B: trial-1: no confusion matrix figure logged" in page
+    assert ">head.dropout<" in page and ">0.5<" in page
+    assert "41 other params are identical" in page
+    assert ">0.25<" in page  # the difference
+
+
+def test_rich_table_renders_every_row() -> None:
+    from rich.console import Console
+
+    console = Console(record=True, width=120)
+    table = report.metrics_side_by_side({"test_accuracy": 0.5}, {"test_accuracy": 0.75})
+    console.print(report.rich_table(table, "metrics"))
+    text = console.export_text()
+    assert "metrics" in text and "test_accuracy" in text and "0.75" in text and "0.25" in text
+
+
+# --- tlsweep report and tlsweep compare on a real (tiny) sweep ----------------------------------
+
+
+@dataclass
+class Swept:
+    folder: Path
+    uri: str
+    parent_run_id: str
+    run_ids: list[str]  # by trial number
+    best_run_id: str
+
+    @property
+    def client(self) -> mlflow.MlflowClient:
+        return mlflow.MlflowClient(tracking_uri=self.uri)
+
+    def enter(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Work in the sweep's folder, on its store (the defaults: mlruns/ under the cwd)."""
+        monkeypatch.chdir(self.folder)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", self.uri)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory, write_sweep) -> Swept:
+    """Two trials of the tiny sweep (a grid over the dropout), in the default stores."""
+    from tlsweep import sweep
+    from tlsweep.sweep import run_sweep
+    from tlsweep.sweepspec import load_sweep
+
+    folder = tmp_path_factory.mktemp("report")
+    path = write_sweep(
+        folder,
+        {"head.dropout": "choice(0.0, 0.5)"},
+        {
+            "study_name": "reptiny",
+            "sampler": "grid",
+            "pruner": "none",
+            "n_trials": 2,
+            "storage": None,
+        },
+        base={"train.epochs": 3},
+    )
+    uri = f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        summary = run_sweep(load_sweep(str(path)))
+        study = sweep.load_study("reptiny")
+        run_ids = [
+            t.user_attrs[sweep.RUN_ID_ATTR] for t in sorted(study.trials, key=lambda t: t.number)
+        ]
+    return Swept(folder, uri, summary.parent_run_id, run_ids, summary.best_run_id)
+
+
+@pytest.mark.slow
+def test_report_command_writes_and_logs_a_self_contained_page(
+    swept: Swept, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    swept.enter(monkeypatch)
+    output = swept.folder / "out" / "report.html"
+    assert main(["report", "reptiny", "--output", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {output}" in out and swept.parent_run_id in out
+    page = output.read_text()
+    assert external_references(page) == []
+    assert "<script" not in page and "<link" not in page
+    images = embedded_pngs(page)
+    assert all(image.startswith(PNG_MAGIC) for image in images)
+    # at least the optimization history, the curves, the confusion matrix, per-class accuracy
+    assert len(images) >= 4
+    for section in ("leaderboard", "optuna", "curves", "best", "settings", "reproduce"):
+        assert f"<section id='{section}'>" in page
+    for run_id in swept.run_ids:
+        assert f">{run_id}<" in page
+    for command in (
+        f"tlsweep reproduce {swept.best_run_id}",
+        "tlsweep reproduce --best reptiny",
+        "tlsweep sweep reptiny",
+    ):
+        assert command in page
+    assert "choice(0.0, 0.5)" in page and "train.epochs=3" in page
+
+    # the best run's logged confusion matrix, as is, and the page itself on the parent run
+    client = swept.client
+    logged = Path(
+        client.download_artifacts(
+            swept.best_run_id, "evaluation/test_confusion_matrix.png", str(swept.folder / "dl")
+        )
+    ).read_bytes()
+    assert logged in images
+    assert "report.html" in {a.path for a in client.list_artifacts(swept.parent_run_id)}
+    copy = client.download_artifacts(swept.parent_run_id, "report.html", str(swept.folder / "dl"))
+    assert Path(copy).read_text() == page
+
+
+@pytest.mark.slow
+def test_report_reads_histories_and_evaluations(swept: Swept, monkeypatch) -> None:
+    from tlsweep import tracking
+
+    swept.enter(monkeypatch)
+    tracking.connect()
+    history = tracking.metric_histories(swept.run_ids[::-1], ["val_accuracy", "loss"])
+    assert list(dict.fromkeys(history["run_id"])) == swept.run_ids[::-1]  # in the order asked
+    for run_id in swept.run_ids:
+        for metric in ("val_accuracy", "loss"):
+            steps = history[(history["run_id"] == run_id) & (history["metric"] == metric)]["step"]
+            assert steps.tolist() == [1, 2, 3]  # step = epoch
+    found = tracking.evaluation_artifacts(swept.best_run_id)
+    assert found["split"] == "test"
+    assert found["png"].startswith(PNG_MAGIC)
+    matrix = found["confusion"]
+    assert list(matrix.index) == list(matrix.columns) == ["0", "1", "2"]
+    run = swept.client.get_run(swept.best_run_id)
+    assert int(matrix.to_numpy().sum()) == int(run.data.params["data.n_test"])
+    per_class = report.per_class_accuracy(matrix)
+    recalls = [found["report"][name]["recall"] for name in per_class["class"]]
+    assert per_class["accuracy"].tolist() == pytest.approx(recalls)
+    assert tracking.evaluation_artifacts(swept.parent_run_id) == {}
+
+
+@pytest.mark.slow
+def test_compare_command(
+    swept: Swept, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    swept.enter(monkeypatch)
+    monkeypatch.setenv("COLUMNS", "160")
+    first, second = swept.run_ids
+    assert main(["compare", first, second]) == 0
+    out = capsys.readouterr().out
+    assert f"A: trial-0  run {first}" in out and f"B: trial-1  run {second}" in out
+    differs = out[out.index("config values that differ") : out.index("metrics")]
+    assert "head.dropout" in differs and "0.5" in differs
+    assert "data.fingerprint" not in differs  # same data, same value: not listed
+    assert "test_accuracy" in out and "per-class accuracy" in out
+    output = swept.folder / f"compare_{first[:8]}_{second[:8]}.html"
+    assert f"wrote {output.name}" in out
+    page = output.read_text()
+    assert external_references(page) == []
+    assert len(embedded_pngs(page)) == 3  # the curves, then both confusion matrices
+    assert "A: trial-0" in page and "B: trial-1" in page
+    params = page[page.index("<section id='params'>") : page.index("<section id='metrics'>")]
+    assert ">head.dropout<" in params
+
+
+def test_sweep_report_of_a_pareto_sweep_names_its_objectives() -> None:
+    objectives = "{'val_accuracy': 'maximize', 'latency_ms': 'minimize'}"
+    page = report.sweep_report_html(sample_report(objectives=objectives))
+    assert "objectives" in page and "latency_ms" in page
+    assert "champion (on the Pareto front)" in page
+    assert "Leaderboard (Pareto rank, then the first objective, best first)" in page
+    assert "maximize val_accuracy" not in page

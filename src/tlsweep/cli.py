@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -122,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest allowed absolute metric difference (default 0: exact)",
     )
     rep.add_argument("--storage", metavar="URL", help="Optuna storage, with --best")
+
+    rpt = _command(
+        commands, "report", cmd_report, "one HTML page about a sweep, also logged on its parent run"
+    )
+    rpt.add_argument("name", metavar="NAME", help="a sweep (study) name, as in tlsweep runs")
+    rpt.add_argument(
+        "--output", metavar="FILE", help="where to write it (default NAME_report.html)"
+    )
+    rpt.add_argument("--top", type=int, default=5, metavar="K", help="trials in the curves plot")
+    rpt.add_argument("--storage", metavar="URL", help="Optuna storage (default mlruns/optuna.db)")
+
+    cmp = _command(commands, "compare", cmd_compare, "two runs side by side (terminal and HTML)")
+    cmp.add_argument("run_a", metavar="RUN_A", help="an MLflow run id")
+    cmp.add_argument("run_b", metavar="RUN_B", help="another MLflow run id")
+    cmp.add_argument(
+        "--output", metavar="FILE", help="the HTML file (default compare_A_B.html, short ids)"
+    )
 
     ui = _command(commands, "ui", cmd_ui, "the MLflow UI on this project's store")
     ui.add_argument("--host", default="127.0.0.1")
@@ -246,9 +264,201 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 1
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
+CURVE_METRICS = ("val_accuracy", "accuracy", "val_loss", "loss")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if args.top < 1:
+        raise UserError(f"--top={args.top} is not allowed: must be >= 1")
     _import_tensorflow_quietly()
-    import subprocess
+    from datetime import datetime
+
+    from tlsweep import plots, report, sweep, tracking
+
+    tracking.connect()
+    study = sweep.load_study(args.name, args.storage)
+    parent_id = sweep.parent_run_id(study)
+    if not parent_id:
+        raise UserError(f"sweep {args.name} has no MLflow parent run yet: run tlsweep sweep first")
+    parent = tracking.run_data(parent_id)
+    tags = parent["tags"]
+    settings = {
+        k.removeprefix("sweep."): v
+        for k, v in tags.items()
+        if k.startswith("sweep.") and k != "sweep.base"
+    }
+    metric = settings.get("metric", "val_accuracy")
+    direction = settings.get("direction", "None")
+    if direction in ("None", ""):
+        direction = "minimize" if "loss" in metric else "maximize"
+    objectives = settings.get("objectives", "None")
+    objectives = None if objectives in ("None", "", "{}") else objectives  # a Pareto sweep
+    space = {k.removeprefix("space."): v for k, v in tags.items() if k.startswith("space.")}
+    board = sweep.leaderboard(study, parent_id)
+
+    ranked = _report_ranking(board)
+    complete = [r for r in ranked if r["state"] == "COMPLETE"]
+    best_row = complete[0] if complete else None
+    if objectives:  # the champion: the front member best on the training metric
+        champion = tags.get("best.run_id")
+        best_row = next((r for r in complete if r["run_id"] == champion), best_row)
+    best = {}
+    if best_row is not None:
+        best = {
+            "trial": int(best_row["trial"]),
+            "run_id": best_row.get("run_id"),
+            "value": best_row.get("value", best_row.get(metric)),
+            "params": {k: best_row[k] for k in space if k in best_row},
+        }
+    figures = sweep.optuna_figures(study)
+    optuna_plots = {name: plots.to_png(figure) for name, figure in figures.items()}
+
+    top = ranked[: args.top]
+    curves_png = None
+    if top:
+        labels = {r["run_id"]: f"trial {int(r['trial'])} ({r['state'].lower()})" for r in top}
+        keys = list(dict.fromkeys([metric, *CURVE_METRICS]))
+        history = tracking.metric_histories(list(labels), keys)
+        if len(history):
+            history["label"] = history["run_id"].map(labels)
+            title = f"top {len(top)} trials by {metric}"
+            curves_png = plots.to_png(plots.training_curves_figure(history, keys, title))
+
+    evaluation, per_class_png = None, None
+    if best.get("run_id"):
+        found = tracking.evaluation_artifacts(best["run_id"])
+        if found:
+            evaluation = report.RunEvaluation(found["split"], found["confusion"], found["png"])
+            per_class = report.per_class_accuracy(found["confusion"])
+            figure = plots.per_class_accuracy_figure(per_class, f"best trial, {found['split']} set")
+            per_class_png = plots.to_png(figure)
+    others = [r["run_id"] for r in ranked if r["run_id"] != best.get("run_id")]
+    runner_up = others[0] if best and others else None
+    page = report.sweep_report_html(
+        report.SweepReport(
+            name=args.name,
+            parent_run_id=parent_id,
+            experiment=parent["experiment"],
+            metric=metric,
+            direction=direction,
+            objectives=objectives,
+            board=board,
+            settings=settings,
+            base=tags.get("sweep.base", "").split(),
+            space=space,
+            counts={
+                state.lower(): int((board["state"] == state).sum())
+                for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+                if len(board) and (board["state"] == state).any()
+            },
+            best=best,
+            optuna_plots=optuna_plots,
+            curves_png=curves_png,
+            curves_runs=[r["run_id"] for r in top],
+            best_evaluation=evaluation,
+            per_class_png=per_class_png,
+            commands=report.sweep_commands(args.name, best.get("run_id"), runner_up, args.storage),
+            generated=datetime.now().strftime("%Y-%m-%d %H:%M"),
+        )
+    )
+    output = Path(args.output or f"{args.name}_report.html")
+    _write_page(output, page)
+    uri = tracking.log_report(parent_id, page)
+    print(f"wrote {output}")
+    print(f"logged {uri} on the parent run {parent_id}")
+    return 0
+
+
+def _report_ranking(board: Any) -> list[dict[str, Any]]:
+    """The leaderboard's trials that have a run, completed first (best first), then pruned."""
+    if not len(board) or "run_id" not in board.columns:
+        return []
+    rows = board[board["run_id"].notna()].to_dict("records")
+    return [r for r in rows if r["state"] == "COMPLETE"] + [
+        r for r in rows if r["state"] == "PRUNED"
+    ]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from rich.console import Console
+
+    from tlsweep import plots, report, tracking
+
+    tracking.connect()
+    runs = [tracking.run_data(args.run_a), tracking.run_data(args.run_b)]
+    names = [r["run_name"] or r["run_id"][:8] for r in runs]
+    if names[0] == names[1]:
+        names = [f"{n} ({r['run_id'][:8]})" for n, r in zip(names, runs, strict=True)]
+    labels = [f"A: {names[0]}", f"B: {names[1]}"]
+    a, b = runs
+    params = report.param_differences(a["params"], b["params"], labels)
+    common = set(a["params"]) & set(b["params"])
+    same = sum(str(a["params"][k]) == str(b["params"][k]) for k in common)
+    metrics = report.metrics_side_by_side(a["metrics"], b["metrics"], labels)
+
+    history = tracking.metric_histories([a["run_id"], b["run_id"]], CURVE_METRICS)
+    curves_png = None
+    if len(history):
+        history["label"] = history["run_id"].map(
+            {r["run_id"]: label for r, label in zip(runs, labels, strict=True)}
+        )
+        if a["run_id"] == b["run_id"]:
+            history["label"] = labels[0]
+        curves_png = plots.to_png(plots.training_curves_figure(history, CURVE_METRICS))
+
+    evaluations, per_class = [], []
+    for run, label in zip(runs, labels, strict=True):
+        found = tracking.evaluation_artifacts(run["run_id"])
+        if not found:
+            evaluations.append(None)
+            continue
+        evaluations.append(report.RunEvaluation(found["split"], found["confusion"], found["png"]))
+        table = report.per_class_accuracy(found["confusion"])[["class", "accuracy"]]
+        per_class.append(table.rename(columns={"accuracy": label}))
+    merged = None
+    if len(per_class) == 2:
+        merged = per_class[0].merge(per_class[1], on="class", how="outer")
+
+    comparison = report.RunComparison(
+        runs=runs,
+        labels=labels,
+        params=params,
+        metrics=metrics,
+        same_params=same,
+        curves_png=curves_png,
+        evaluations=evaluations,
+        per_class=merged,
+        generated=datetime.now().strftime("%Y-%m-%d %H:%M"),
+    )
+    output = Path(args.output or f"compare_{a['run_id'][:8]}_{b['run_id'][:8]}.html")
+    _write_page(output, report.comparison_html(comparison))
+
+    console = Console(highlight=False)
+    for run, label in zip(runs, labels, strict=True):
+        console.print(f"{label}  run {run['run_id']}  {run['status']}  ({run['experiment']})")
+    if len(params):
+        console.print(report.rich_table(params, f"config values that differ ({same} identical)"))
+    else:
+        console.print(f"no config value differs ({same} identical)")
+    console.print(report.rich_table(metrics, "metrics"))
+    if merged is not None:
+        console.print(report.rich_table(merged, "per-class accuracy"))
+    print(f"wrote {output}")
+    return 0
+
+
+def _write_page(path: Path, page: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess  # no TensorFlow here: tracking loads Keras only when a model is touched
 
     from tlsweep import tracking
 

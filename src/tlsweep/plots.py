@@ -95,7 +95,7 @@ def per_class_accuracy_figure(per_class: pd.DataFrame, title: str) -> Figure:
         ax.barh(positions, per_class["accuracy"].fillna(0), color="#4c72b0")
         ax.set_yticks(positions, [str(c) for c in per_class["class"]])
         ax.invert_yaxis()
-        ax.set(xlim=(0, 1.15), xlabel="accuracy (recall of the true class)", title=title)
+        ax.set(xlim=(0, 1.3), xlabel="accuracy (recall of the true class)", title=title)
         rows = zip(per_class["accuracy"].fillna(0), per_class["support"], strict=True)
         for y, (value, support) in enumerate(rows):
             ax.text(value + 0.01, y, f"{value:.2f} (n={support})", va="center", fontsize=8)
@@ -106,7 +106,8 @@ def per_class_accuracy_figure(per_class: pd.DataFrame, title: str) -> Figure:
 
 
 def to_png(figure: Figure, dpi: int = 100) -> bytes:
-    """The figure as PNG bytes (for embedding in an HTML page)."""
+    """The figure as PNG bytes (for embedding in an HTML page); the figure is closed."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(figure)  # pyplot keeps figures made by others (Optuna's) open until closed
     return buffer.getvalue()

@@ -560,7 +560,8 @@ def run_data(run_id: str) -> dict[str, Any]:
 
 
 def metric_histories(run_ids: Sequence[str], keys: Sequence[str]) -> pd.DataFrame:
-    """Per-epoch values (step = epoch) of ``keys`` for each run: run_id, metric, step, value."""
+    """Per-epoch values (step = epoch) of ``keys`` for each run: run_id, metric, step, value;
+    runs in the order given."""
     client = mlflow.MlflowClient()
     rows = [
         {"run_id": run_id, "metric": key, "step": m.step, "value": m.value}
@@ -569,7 +570,13 @@ def metric_histories(run_ids: Sequence[str], keys: Sequence[str]) -> pd.DataFram
         for m in client.get_metric_history(run_id, key)
     ]
     frame = pd.DataFrame(rows, columns=["run_id", "metric", "step", "value"])
-    return frame.sort_values(["run_id", "metric", "step"], kind="stable").reset_index(drop=True)
+    order = {run_id: i for i, run_id in enumerate(run_ids)}
+    frame = frame.sort_values(
+        ["run_id", "metric", "step"],
+        key=lambda column: column.map(order) if column.name == "run_id" else column,
+        kind="stable",
+    )
+    return frame.reset_index(drop=True)
 
 
 def evaluation_artifacts(run_id: str, splits: Sequence[str] = ("test", "val")) -> dict[str, Any]:

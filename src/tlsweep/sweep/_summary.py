@@ -268,6 +268,7 @@ def optuna_figures(study: optuna.Study) -> dict[str, Any]:
     """
     from functools import partial
 
+    import matplotlib
     from optuna.visualization import matplotlib as ovm
 
     plots: dict[str, Any] = {
@@ -291,7 +292,9 @@ def optuna_figures(study: optuna.Study) -> dict[str, Any]:
     figures = {}
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no completed trials yet" and such
-    with warnings.catch_warnings():
+    # Optuna's plots switch matplotlib to its ggplot style for the whole process: keep that
+    # to these figures, not the confusion matrices and curves drawn later.
+    with warnings.catch_warnings(), matplotlib.rc_context():
         warnings.simplefilter("ignore")
         for name, plot in plots.items():
             try:
