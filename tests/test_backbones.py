@@ -339,7 +339,9 @@ def test_backbone_cache_reuses_and_restores_a_fine_tuned_backbone(
 ) -> None:
     cfg = make_config()
     cache = BackboneCache(capacity=1)
+    assert not cache.holds(cfg.backbone, cfg.seed)
     backbone, digest = cache.get(cfg.backbone, cfg.seed)
+    assert cache.holds(cfg.backbone, cfg.seed)
     first = keras.ops.convert_to_numpy(backbone.weights[0]).copy()
     backbone.trainable = True  # as a fine-tuning stage leaves it
     backbone.weights[0].assign(first + 1.0)
@@ -351,6 +353,7 @@ def test_backbone_cache_reuses_and_restores_a_fine_tuned_backbone(
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(again.weights[0]), first)
     other, _ = cache.get(cfg.backbone, cfg.seed + 1)  # another random init: built anew
     assert other is not backbone
+    assert not cache.holds(cfg.backbone, cfg.seed)  # evicted (capacity 1)
 
 
 def test_backbone_cache_keeps_derived_graphs_while_the_backbone_is_cached(

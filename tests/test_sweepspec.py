@@ -477,3 +477,23 @@ def test_sweeps_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("TLSWEEP_SWEEPS_DIR", str(folder))
     assert available_sweeps() == ["custom"]
     assert load_sweep("custom").settings.study_name == "custom"
+
+
+def test_objectives_on_the_command_line_replace_the_files_metric_and_pruner() -> None:
+    """The README's command: a shipped one-metric sweep turned into a Pareto sweep."""
+    spec = load_sweep(
+        "quickstart",
+        [
+            "sweep.objectives={val_accuracy: maximize, params: minimize}",
+            "sweep.sampler=nsga2",
+            "sweep.study_name=quick_pareto",
+        ],
+    )
+    s = spec.settings
+    assert s.multi_objective and s.objective_names == ["val_accuracy", "params"]
+    assert (s.metric, s.pruner, s.sampler) == ("val_accuracy", "none", "nsga2")
+    with pytest.raises(UserError, match=r"sweep\.pruner"):
+        load_sweep(
+            "quickstart",
+            ["sweep.objectives=[val_accuracy, params]", "sweep.pruner=median"],
+        )

@@ -121,6 +121,7 @@ def test_a_dead_workers_trial_is_failed_closed_and_retried(tmp_path: Path) -> No
     retry = study.get_trials(states=(TrialState.WAITING,))
     assert len(retry) == 1
     assert retry_of(retry[0]) == trial.number
+    assert not {RUN_ID_ATTR, WORKER_ATTR, FAIL_REASON_ATTR} & set(retry[0].user_attrs)
     retried = study.ask()  # the next trial any worker takes is the retry, with the same values
     assert retried.suggest_float("head.dropout", 0.0, 0.5) == dropout
     retried.set_user_attr(WORKER_ATTR, "host:789")

@@ -188,7 +188,7 @@ def resolve_target(target: str) -> Callable[..., object]:
         )
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except Exception as exc:  # not found, or the module itself fails (a syntax error...)
         raise UserError(
             f"backbone._target_={target}: cannot import {module_name} ({_short(exc)}); "
             "install it or put its folder on PYTHONPATH"
@@ -245,7 +245,8 @@ def cut_layer_name(model: keras.Model, cut_layer: str | None, source: str = "the
     convolutional part ends, before its own global pooling or classifier, so that the head's
     pooling (avg, max, flatten) applies.
     """
-    maps = [layer.name for layer in model.layers[1:] if _output_rank(layer) == 4]
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    maps = [layer.name for layer in layers if _output_rank(layer) == 4]
     if cut_layer is None:
         if not maps:
             raise UserError(
@@ -403,6 +404,10 @@ class BackboneCache:
         self.capacity = capacity
         self._entries: OrderedDict[str, tuple[keras.Model, list[np.ndarray], str]] = OrderedDict()
         self._derived: dict[tuple[str, str], Any] = {}
+
+    def holds(self, cfg: BackboneConfig, seed: int) -> bool:
+        """Whether `get` would reuse a backbone instead of building one."""
+        return self._key(cfg, seed) in self._entries
 
     def derived(self, cfg: BackboneConfig, seed: int, name: str, build: Callable[[], T]) -> T:
         """``build()``'s result, kept with the backbone for ``cfg`` (built once while that

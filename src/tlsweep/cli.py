@@ -32,6 +32,11 @@ keys (override any with key=value):
   optimizer.learning_rate  > 0
   seed                   seeds Python, NumPy and Keras
   data.path              the image folder, for data=folder
+  augment.flip, .rotation, .zoom, .translation, .contrast
+                         random augmentation (or augment=light|strong); trains end to end
+  backbone.path, backbone.cut_layer, backbone._target_, backbone.preprocess
+                         backbone=custom: a saved .keras model cut at a layer, or a function
+                         returning a Keras model; declare its preprocessing
 
 examples:
   tlsweep train backbone=resnet50 head.pooling=flatten head.dense_units=512 \\
@@ -43,9 +48,11 @@ examples:
 
 SWEEP_HELP = """\
 arguments after NAME:
-  sweep.KEY=VALUE          a study setting: study_name, metric, direction, sampler
-                           (tpe random grid cmaes gp qmc), seed, pruner (median hyperband
-                           successive_halving none), pruner_options, n_trials, timeout, storage
+  sweep.KEY=VALUE          a study setting: study_name, metric, direction, objectives (e.g.
+                           {val_accuracy: maximize, latency_ms: minimize}), sampler (tpe
+                           random grid cmaes gp qmc nsga2 nsga3), sampler_options, seed, pruner
+                           (median hyperband successive_halving none), pruner_options,
+                           n_trials, timeout, storage
   KEY=choice(a,b) | range(a,b,step=s) | interval(a,b) | int(interval(a,b)) | tag(log,interval(a,b))
                            add or replace a search dimension (Hydra's sweep grammar)
   KEY=VALUE                a base override for every trial (fixes KEY if it was searched)
@@ -54,6 +61,7 @@ examples:
   tlsweep sweep quickstart                        # offline: digits, ResNet50 with random weights
   tlsweep sweep quickstart sweep.n_trials=20      # resume the same study up to 20 trials
   tlsweep sweep backbones data=folder data.path=~/photos sweep.n_trials=40
+  tlsweep sweep pareto                            # accuracy against latency (NSGA-II)
 """
 
 
@@ -264,187 +272,46 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 1
 
 
-CURVE_METRICS = ("val_accuracy", "accuracy", "val_loss", "loss")
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise UserError(f"--top={args.top} is not allowed: must be >= 1")
     _import_tensorflow_quietly()
-    from datetime import datetime
-
-    from tlsweep import plots, report, sweep, tracking
+    from tlsweep import pages, report, tracking
 
     tracking.connect()
-    study = sweep.load_study(args.name, args.storage)
-    parent_id = sweep.parent_run_id(study)
-    if not parent_id:
-        raise UserError(f"sweep {args.name} has no MLflow parent run yet: run tlsweep sweep first")
-    parent = tracking.run_data(parent_id)
-    tags = parent["tags"]
-    settings = {
-        k.removeprefix("sweep."): v
-        for k, v in tags.items()
-        if k.startswith("sweep.") and k != "sweep.base"
-    }
-    metric = settings.get("metric", "val_accuracy")
-    direction = settings.get("direction", "None")
-    if direction in ("None", ""):
-        direction = "minimize" if "loss" in metric else "maximize"
-    objectives = settings.get("objectives", "None")
-    objectives = None if objectives in ("None", "", "{}") else objectives  # a Pareto sweep
-    space = {k.removeprefix("space."): v for k, v in tags.items() if k.startswith("space.")}
-    board = sweep.leaderboard(study, parent_id)
-
-    ranked = _report_ranking(board)
-    complete = [r for r in ranked if r["state"] == "COMPLETE"]
-    best_row = complete[0] if complete else None
-    if objectives:  # the champion: the front member best on the training metric
-        champion = tags.get("best.run_id")
-        best_row = next((r for r in complete if r["run_id"] == champion), best_row)
-    best = {}
-    if best_row is not None:
-        best = {
-            "trial": int(best_row["trial"]),
-            "run_id": best_row.get("run_id"),
-            "value": best_row.get("value", best_row.get(metric)),
-            "params": {k: best_row[k] for k in space if k in best_row},
-        }
-    figures = sweep.optuna_figures(study)
-    optuna_plots = {name: plots.to_png(figure) for name, figure in figures.items()}
-
-    top = ranked[: args.top]
-    curves_png = None
-    if top:
-        labels = {r["run_id"]: f"trial {int(r['trial'])} ({r['state'].lower()})" for r in top}
-        keys = list(dict.fromkeys([metric, *CURVE_METRICS]))
-        history = tracking.metric_histories(list(labels), keys)
-        if len(history):
-            history["label"] = history["run_id"].map(labels)
-            title = f"top {len(top)} trials by {metric}"
-            curves_png = plots.to_png(plots.training_curves_figure(history, keys, title))
-
-    evaluation, per_class_png = None, None
-    if best.get("run_id"):
-        found = tracking.evaluation_artifacts(best["run_id"])
-        if found:
-            evaluation = report.RunEvaluation(found["split"], found["confusion"], found["png"])
-            per_class = report.per_class_accuracy(found["confusion"])
-            figure = plots.per_class_accuracy_figure(per_class, f"best trial, {found['split']} set")
-            per_class_png = plots.to_png(figure)
-    others = [r["run_id"] for r in ranked if r["run_id"] != best.get("run_id")]
-    runner_up = others[0] if best and others else None
-    page = report.sweep_report_html(
-        report.SweepReport(
-            name=args.name,
-            parent_run_id=parent_id,
-            experiment=parent["experiment"],
-            metric=metric,
-            direction=direction,
-            objectives=objectives,
-            board=board,
-            settings=settings,
-            base=tags.get("sweep.base", "").split(),
-            space=space,
-            counts={
-                state.lower(): int((board["state"] == state).sum())
-                for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
-                if len(board) and (board["state"] == state).any()
-            },
-            best=best,
-            optuna_plots=optuna_plots,
-            curves_png=curves_png,
-            curves_runs=[r["run_id"] for r in top],
-            best_evaluation=evaluation,
-            per_class_png=per_class_png,
-            commands=report.sweep_commands(args.name, best.get("run_id"), runner_up, args.storage),
-            generated=datetime.now().strftime("%Y-%m-%d %H:%M"),
-        )
-    )
+    content = pages.sweep_report(args.name, args.top, args.storage)
+    page = report.sweep_report_html(content)
     output = Path(args.output or f"{args.name}_report.html")
     _write_page(output, page)
-    uri = tracking.log_report(parent_id, page)
+    uri = tracking.log_report(content.parent_run_id, page)
     print(f"wrote {output}")
-    print(f"logged {uri} on the parent run {parent_id}")
+    print(f"logged {uri} on the parent run {content.parent_run_id}")
     return 0
 
 
-def _report_ranking(board: Any) -> list[dict[str, Any]]:
-    """The leaderboard's trials that have a run, completed first (best first), then pruned."""
-    if not len(board) or "run_id" not in board.columns:
-        return []
-    rows = board[board["run_id"].notna()].to_dict("records")
-    return [r for r in rows if r["state"] == "COMPLETE"] + [
-        r for r in rows if r["state"] == "PRUNED"
-    ]
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
-    from datetime import datetime
-
     from rich.console import Console
 
-    from tlsweep import plots, report, tracking
+    from tlsweep import pages, report, tracking
 
     tracking.connect()
-    runs = [tracking.run_data(args.run_a), tracking.run_data(args.run_b)]
-    names = [r["run_name"] or r["run_id"][:8] for r in runs]
-    if names[0] == names[1]:
-        names = [f"{n} ({r['run_id'][:8]})" for n, r in zip(names, runs, strict=True)]
-    labels = [f"A: {names[0]}", f"B: {names[1]}"]
-    a, b = runs
-    params = report.param_differences(a["params"], b["params"], labels)
-    common = set(a["params"]) & set(b["params"])
-    same = sum(str(a["params"][k]) == str(b["params"][k]) for k in common)
-    metrics = report.metrics_side_by_side(a["metrics"], b["metrics"], labels)
-
-    history = tracking.metric_histories([a["run_id"], b["run_id"]], CURVE_METRICS)
-    curves_png = None
-    if len(history):
-        history["label"] = history["run_id"].map(
-            {r["run_id"]: label for r, label in zip(runs, labels, strict=True)}
-        )
-        if a["run_id"] == b["run_id"]:
-            history["label"] = labels[0]
-        curves_png = plots.to_png(plots.training_curves_figure(history, CURVE_METRICS))
-
-    evaluations, per_class = [], []
-    for run, label in zip(runs, labels, strict=True):
-        found = tracking.evaluation_artifacts(run["run_id"])
-        if not found:
-            evaluations.append(None)
-            continue
-        evaluations.append(report.RunEvaluation(found["split"], found["confusion"], found["png"]))
-        table = report.per_class_accuracy(found["confusion"])[["class", "accuracy"]]
-        per_class.append(table.rename(columns={"accuracy": label}))
-    merged = None
-    if len(per_class) == 2:
-        merged = per_class[0].merge(per_class[1], on="class", how="outer")
-
-    comparison = report.RunComparison(
-        runs=runs,
-        labels=labels,
-        params=params,
-        metrics=metrics,
-        same_params=same,
-        curves_png=curves_png,
-        evaluations=evaluations,
-        per_class=merged,
-        generated=datetime.now().strftime("%Y-%m-%d %H:%M"),
-    )
-    output = Path(args.output or f"compare_{a['run_id'][:8]}_{b['run_id'][:8]}.html")
+    comparison = pages.run_comparison(args.run_a, args.run_b)
+    a, b = (run["run_id"][:8] for run in comparison.runs)
+    output = Path(args.output or f"compare_{a}_{b}.html")
     _write_page(output, report.comparison_html(comparison))
-
     console = Console(highlight=False)
-    for run, label in zip(runs, labels, strict=True):
+    for run, label in zip(comparison.runs, comparison.labels, strict=True):
         console.print(f"{label}  run {run['run_id']}  {run['status']}  ({run['experiment']})")
-    if len(params):
-        console.print(report.rich_table(params, f"config values that differ ({same} identical)"))
+    same = comparison.same_params
+    if len(comparison.params):
+        console.print(
+            report.rich_table(comparison.params, f"config values that differ ({same} identical)")
+        )
     else:
         console.print(f"no config value differs ({same} identical)")
-    console.print(report.rich_table(metrics, "metrics"))
-    if merged is not None:
-        console.print(report.rich_table(merged, "per-class accuracy"))
+    console.print(report.rich_table(comparison.metrics, "metrics"))
+    if comparison.per_class is not None:
+        console.print(report.rich_table(comparison.per_class, "per-class accuracy"))
     print(f"wrote {output}")
     return 0
 

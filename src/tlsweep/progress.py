@@ -110,6 +110,7 @@ class SweepProgress:
         self.console.print(
             "next:\n"
             f"  tlsweep runs {self.study_name}              # the leaderboard\n"
+            f"  tlsweep report {self.study_name}            # one HTML page of the sweep\n"
             f"  tlsweep reproduce --best {self.study_name}  # retrain the best trial and compare\n"
             "  tlsweep ui                          # browse runs in the MLflow UI"
         )

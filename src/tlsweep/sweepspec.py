@@ -290,16 +290,22 @@ def _apply_cli(
     space: dict[str, Dimension],
     settings: dict[str, Any],
 ) -> None:
+    from_cli: set[str] = set()
     for text in overrides:
         override = _parse_override(text)
         key = override.key_or_group
         if key.startswith("sweep."):
             settings[key.removeprefix("sweep.")] = override.value()
+            from_cli.add(key.removeprefix("sweep."))
         elif override.is_sweep_override():
             space[key] = parse_dimension(key, text.split("=", 1)[1])
         else:
             space.pop(key, None)
             base.append(text)
+    if "objectives" in from_cli:  # they replace the file's metric, direction and pruner
+        for key in ("metric", "direction", "pruner"):
+            if key not in from_cli:
+                settings.pop(key, None)
 
 
 def _objective_defaults(settings: dict[str, Any]) -> None:

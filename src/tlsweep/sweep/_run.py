@@ -121,8 +121,8 @@ def work(session: Session, progress: SweepProgress, worker: str | None = None) -
             waited = 0.0
             ended, failed = count(study, ENDED_STATES), count(study, (TrialState.FAIL,))
             objective.on_start = session.lock.release  # once the trial is RUNNING
-            # No gc_after_trial: each trial starts with keras.backend.clear_session(), which
-            # collects garbage already (a second full collection cost ~0.4 s per trial).
+            # No gc_after_trial: a full collection costs ~0.5 s among TensorFlow's objects;
+            # experiment.prepare collects before building a backbone, when it matters.
             study.optimize(objective, n_trials=1, catch=(Exception,))
         finally:
             session.lock.release()

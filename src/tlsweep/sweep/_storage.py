@@ -14,6 +14,7 @@ there the local supervisor, which sees its workers die, does the same.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 from collections.abc import Iterator
@@ -228,7 +229,7 @@ class RetryLostTrial:
         self._retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self._retry(study, trial)
+        self._retry(study, _retry_template(trial))
         _close_lost_run(trial, "its worker stopped sending heartbeats")
 
 
@@ -246,9 +247,21 @@ def fail_lost_trials(study: optuna.Study, worker: str, reason: str, max_retry: i
         # its own heartbeat callbacks use.
         study._storage.set_trial_user_attr(trial._trial_id, FAIL_REASON_ATTR, reason)
         study.tell(trial.number, state=TrialState.FAIL)
-        retry(study, study.trials[trial.number])
+        retry(study, _retry_template(study.trials[trial.number]))
         _close_lost_run(trial, reason)
     return [t.number for t in lost]
+
+
+def _retry_template(trial: FrozenTrial) -> FrozenTrial:
+    """What Optuna's retry copies: the lost trial without its run, worker and fail reason (the
+    WAITING copy must not point at the failed run until a worker takes it)."""
+    template = copy.deepcopy(trial)
+    template.user_attrs = {
+        k: v
+        for k, v in trial.user_attrs.items()
+        if k not in (RUN_ID_ATTR, WORKER_ATTR, FAIL_REASON_ATTR)
+    }
+    return template
 
 
 def retry_of(trial: FrozenTrial) -> int | None:

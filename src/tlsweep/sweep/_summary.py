@@ -294,16 +294,18 @@ def optuna_figures(study: optuna.Study) -> dict[str, Any]:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no completed trials yet" and such
     # Optuna's plots switch matplotlib to its ggplot style for the whole process: keep that
     # to these figures, not the confusion matrices and curves drawn later.
-    with warnings.catch_warnings(), matplotlib.rc_context():
-        warnings.simplefilter("ignore")
-        for name, plot in plots.items():
-            try:
-                axes = plot(study)
-            except (ValueError, RuntimeError, ZeroDivisionError):
-                continue
-            first = axes.flat[0] if hasattr(axes, "flat") else axes
-            figures[name] = first.figure
-    optuna.logging.set_verbosity(verbosity)
+    try:
+        with warnings.catch_warnings(), matplotlib.rc_context():
+            warnings.simplefilter("ignore")
+            for name, plot in plots.items():
+                try:
+                    axes = plot(study)
+                except (ValueError, RuntimeError, ZeroDivisionError):
+                    continue
+                first = axes.flat[0] if hasattr(axes, "flat") else axes
+                figures[name] = first.figure
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     return figures
 
 
