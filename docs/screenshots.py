@@ -175,7 +175,9 @@ class running_ui:  # noqa: N801 (used as a context manager, like a function)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5):
+                with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                    f"{base}/health", timeout=5
+                ):
                     return base
             except OSError:
                 time.sleep(1)

@@ -465,13 +465,20 @@ def test_parent_holds_leaderboard_and_plots(swept: Swept) -> None:
 
 
 @pytest.mark.slow
-def test_best_so_far_trials_keep_their_model(swept: Swept) -> None:
+def test_best_so_far_trials_keep_their_head_and_the_champion_its_model(swept: Swept) -> None:
+    """A trial that beat every earlier one stores its head's weights; only the best trial
+    gets the full model, assembled at the end of the sweep."""
     client = swept.client
+    study = swept.study()
+    best_run = study.best_trial.user_attrs[RUN_ID_ATTR]
     best_so_far = None
-    for trial in sorted(swept.study().trials, key=lambda t: t.number):
-        tags = client.get_run(trial.user_attrs[RUN_ID_ATTR]).data.tags
+    for trial in sorted(study.trials, key=lambda t: t.number):
+        run_id = trial.user_attrs[RUN_ID_ATTR]
         improved = best_so_far is None or trial.value > best_so_far
-        assert ("tlsweep.model_uri" in tags) == improved, trial.number
+        heads = [f.path for f in client.list_artifacts(run_id, "head")]
+        assert (heads == ["head/head.weights.h5"]) == improved, trial.number
+        tags = client.get_run(run_id).data.tags
+        assert ("tlsweep.model_uri" in tags) == (run_id == best_run), trial.number
         best_so_far = trial.value if improved else best_so_far
 
 

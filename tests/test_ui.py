@@ -110,6 +110,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Straight to loopback: urllib.request.urlopen's global opener keeps the proxies of the first
+# call in this process, which may have been an offline test's closed-port proxy.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 @pytest.fixture(scope="module")
 def ui(store: Store):
     """``tlsweep ui`` on a free port, on the folder's default store (no MLFLOW_TRACKING_URI)."""
@@ -132,7 +137,7 @@ def ui(store: Store):
             if process.poll() is not None:
                 pytest.fail(f"tlsweep ui exited {process.returncode}:\n{_tail(store)}")
             try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                with DIRECT.open(f"{base}/health", timeout=5) as response:
                     if response.status == 200:
                         break
             except OSError:

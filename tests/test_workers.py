@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -383,17 +384,48 @@ def mlflow_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> It
         stderr=subprocess.STDOUT,
         text=True,
     )
-    assert server.stdout is not None
-    for line in server.stdout:  # the server says when it listens
-        if "Application startup complete" in line or "Listening at" in line:
-            break
-    else:
-        pytest.fail("mlflow server did not start")
+    listening = threading.Event()
+    output: list[str] = []
+
+    def drain() -> None:
+        """Read the server's output for as long as it runs: a full pipe would block its
+        request logging, and so the server (uvicorn logs every request)."""
+        assert server.stdout is not None
+        for line in server.stdout:
+            output.append(line)
+            if "Application startup complete" in line or "Listening at" in line:
+                listening.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    if not listening.wait(timeout=180):
+        server.kill()
+        pytest.fail("mlflow server did not start:\n" + "".join(output[-30:]))
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=60)
+
+
+def _postgres_sweep(
+    write_sweep: Callable[..., Path],
+    folder: Path,
+    storage: str,
+    name: str,
+    n_trials: int,
+    heartbeat: tuple[int, int],
+    base: dict | None = None,
+) -> Path:
+    """A tiny sweep on the PostgreSQL storage, with (interval, grace period) heartbeats."""
+    interval, grace = heartbeat
+    settings = {
+        "study_name": name,
+        "storage": storage,
+        "n_trials": n_trials,
+        "heartbeat_interval": interval,
+        "grace_period": grace,
+    }
+    return write_sweep(folder, {"head.dropout": "interval(0.0, 0.5)"}, settings, base=base)
 
 
 @pytest.mark.slow
@@ -406,17 +438,7 @@ def test_two_machines_join_one_study_through_postgres_and_an_mlflow_server(
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     storage = f"{postgres}/optuna"
-    path = write_sweep(
-        tmp_path,
-        {"head.dropout": "interval(0.0, 0.5)"},
-        {
-            "study_name": "shared",
-            "storage": storage,
-            "n_trials": 4,
-            "heartbeat_interval": 2,
-            "grace_period": 6,
-        },
-    )
+    path = _postgres_sweep(write_sweep, tmp_path, storage, "shared", 4, heartbeat=(2, 6))
     env = _env(MLFLOW_TRACKING_URI=mlflow_server)
     machines = []
     for name in ("m1", "m2"):  # two working directories: nothing shared but the two servers
@@ -480,16 +502,13 @@ def test_a_machine_lost_mid_trial_is_detected_by_heartbeat_and_its_trial_retried
     the retry, and the study still ends with n_trials finished, one run per trial."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     storage = f"{postgres}/optuna"
-    path = write_sweep(
+    path = _postgres_sweep(
+        write_sweep,
         tmp_path,
-        {"head.dropout": "interval(0.0, 0.5)"},
-        {
-            "study_name": "lossy",
-            "storage": storage,
-            "n_trials": 3,
-            "heartbeat_interval": 1,
-            "grace_period": 4,
-        },
+        storage,
+        "lossy",
+        3,
+        heartbeat=(1, 4),
         base={"train.epochs": 15, "train.early_stopping.patience": None},
     )
     env = _env(MLFLOW_TRACKING_URI=mlflow_server, TTY_COMPATIBLE="1", TERM="xterm", COLUMNS="160")
