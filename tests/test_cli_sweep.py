@@ -107,7 +107,7 @@ def interrupt_during_second_trial(folder: Path, sweep_file: Path) -> Done:
     """Start the sweep, wait for the second trial to be training, then press Ctrl-C.
 
     The console is made to behave as a terminal (TTY_COMPATIBLE) so that the live status line
-    shows each epoch: ``trial 2/3`` announces the trial, an ``epoch k/8`` after it proves its
+    shows each epoch: ``trial 2/3`` announces the trial, an ``epoch k/100`` after it proves its
     child run exists and is training.
     """
     process = subprocess.Popen(
@@ -126,7 +126,8 @@ def interrupt_during_second_trial(folder: Path, sweep_file: Path) -> Done:
             seen += chunk
             text = ANSI.sub("", seen.decode(errors="replace"))
             second = text.find("trial 2/3 (#1)")
-            if second >= 0 and re.search(r"epoch [12]/8", text[second:]):  # 6 epochs to go
+            epochs = re.findall(r"epoch (\d+)/100", text[second:]) if second >= 0 else []
+            if epochs and int(epochs[0]) < 80:  # the live line shows some epoch: 20+ to go
                 process.send_signal(signal.SIGINT)
                 break
         rest, stderr = process.communicate(timeout=300)
@@ -151,8 +152,9 @@ def session(tmp_path_factory, write_sweep) -> Session:
             "n_trials": 3,
             "storage": None,
         },
-        # long enough trials that Ctrl-C lands while the second one trains
-        base={"train.epochs": 8, "train.early_stopping.patience": None},
+        # long enough trials that Ctrl-C lands while the second one trains: an epoch on
+        # these cached features takes milliseconds, the live line refreshes ~10 times a second
+        base={"train.epochs": 100, "train.early_stopping.patience": None},
     )
 
     interrupted = interrupt_during_second_trial(folder, sweep_file)
