@@ -51,9 +51,6 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         trial.set_user_attr(WORKER_ATTR, self.worker)
-        for inherited in (RUN_ID_ATTR, FAIL_REASON_ATTR):  # a retry copies the lost trial's
-            if trial.user_attrs.get(inherited):
-                trial.set_user_attr(inherited, None)
         self.on_start()
         params = {dim.key: suggest(trial, dim) for dim in self.spec.space}
         s = self.spec.settings
