@@ -1,19 +1,22 @@
 """Benchmark: what the feature cache saves, and what tlsweep costs per trial.
 
 The reference grid (2x2x2 over dense units, dropout and batch size) on the bundled digits,
-three ways in one process, one after another:
+in one process:
 
-  a. tlsweep with the feature cache (a fresh cache: the one feature pass is included)
+  a. tlsweep with the feature cache (a fresh store and cache: the one feature pass is included)
   b. tlsweep with the cache off (every epoch runs the frozen backbone over the images)
   c. the floor: one feature pass, then the same eight head fits in a bare Keras loop
-  d. the same floor fitted the way tlsweep fits (``steps_per_execution``, test features, one
-     prediction pass over validation and test): what tlsweep would cost without its own work
+  d. the same floor fitted the way tlsweep fits (``steps_per_execution``, validation by direct
+     calls on the features, test features, one prediction of validation and test per head):
+     what tlsweep would cost without its own work
 
+a, c and d run in interleaved rounds (``--rounds``, default 3) and are reported as medians:
+this machine's speed drifts by 20% from one minute to the next. b runs once, at the end.
 Prints wall times, the ratios b/a and a/c, the best validation accuracy of a and b (they must
 agree), and tlsweep's own cost against d, split in two: per trial (each trial's duration, as
-Optuna recorded it, minus d's time for the same fit and predictions; the feature pass is
-taken out of the first trial) and once per sweep (opening the study and the MLflow parent
-run, the summary, the champion model); then the machine and library versions.
+Optuna recorded it, minus d's feature pass and fits) and once per sweep (loading the data,
+opening the study and the MLflow parent run, the summary, the champion model); then the
+machine and library versions.
 
     python -m bench.run                     # ResNet50 at 64x64, 3 epochs (the issue's setting)
     python -m bench.run --backbone mobilenet_v2 --size 96
@@ -27,6 +30,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -44,7 +48,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--pooling", default="avg")
-    parser.add_argument("--skip-uncached", action="store_true", help="only a and c (quick)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of a, c, d (medians)")
+    parser.add_argument("--skip-uncached", action="store_true", help="a, c and d only (quick)")
     args = parser.parse_args()
 
     base = {
@@ -61,36 +66,57 @@ def main() -> None:
         f"grid: {GRID}; {args.backbone} at {args.size}x{args.size}, {args.epochs} epochs, "
         f"{args.pooling} pooling, digits (1,077 train / 270 val images)\n"
     )
+    rounds: dict[str, list[tuple]] = {"a": [], "c": [], "d": []}
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
-        a_time, a_best, a_trials = timed_sweep(Path(tmp), "cached", base, cache=True)
+        for number in range(1, args.rounds + 1):  # interleaved: drifts hit every way alike
+            rounds["a"].append(timed_sweep(Path(tmp), f"cached{number}", base, cache=True))
+            rounds["c"].append(timed_floor(base))
+            rounds["d"].append(timed_floor(base, like_tlsweep=True))
+            times = "  ".join(f"{way} {runs[-1][0]:6.1f} s" for way, runs in rounds.items())
+            print(f"round {number}: {times}", flush=True)
+        a_time, c_time, d_time = (median(run[0] for run in rounds[way]) for way in "acd")
+        a_best, c_best, d_best = (rounds[way][0][1] for way in "acd")
+        print()
         print(f"a. tlsweep, feature cache:   {a_time:7.1f} s   best val_accuracy {a_best:.4f}")
-        c_time, c_best, _, _ = timed_floor(base)
         print(f"c. bare Keras floor:          {c_time:7.1f} s   best val_accuracy {c_best:.4f}")
-        d_time, d_best, d_pass, d_fits = timed_floor(base, like_tlsweep=True)
         print(f"d. floor, fitted as tlsweep:  {d_time:7.1f} s   best val_accuracy {d_best:.4f}")
+        repeats = {round(run[1], 9) for run in rounds["a"]}
+        print(
+            f"   (medians of {args.rounds} rounds; a's best is the same in every round: "
+            f"{'yes' if len(repeats) == 1 else 'NO'})"
+        )
         if not args.skip_uncached:
             b_time, b_best, _ = timed_sweep(Path(tmp), "uncached", base, cache=False)
             print(f"b. tlsweep, cache off:        {b_time:7.1f} s   best val_accuracy {b_best:.4f}")
             print(f"\nb/a = {b_time / a_time:.1f}x   (the cache's saving; target >= 8)")
             agree = "agree" if abs(a_best - b_best) < 1e-9 else "DIFFER"
             print(f"best val_accuracy cached {a_best:.4f} vs uncached {b_best:.4f}: {agree}")
-        trials = int(np.prod([len(v) for v in GRID.values()]))
         print(f"a/c = {a_time / c_time:.2f}   (tlsweep against the floor; target <= 1.3)")
         print(f"a/d = {a_time / d_time:.2f}   (tlsweep against the same fits, bare)")
-        per_trial = (sum(a_trials) - d_pass - d_fits) / trials
-        once = a_time - sum(a_trials)
-        print(
-            f"tlsweep overhead per trial: {per_trial:.2f} s  (trial durations {sum(a_trials):.1f} s"
-            f" - backbone and feature pass {d_pass:.1f} s - bare fits {d_fits:.1f} s, / {trials}: "
-            "config, "
-            "Optuna, MLflow logging, figures, head weights; target < 1 s)"
-        )
-        print(
-            f"tlsweep once per sweep: {once:.1f} s  (study and parent run, leaderboard, plots, "
-            f"the champion's full model and its registration); (a - d) / {trials} = "
-            f"{(a_time - d_time) / trials:.2f} s"
-        )
+        report_overheads(rounds["a"], rounds["d"])
+
+
+def report_overheads(a_runs: list[tuple], d_runs: list[tuple]) -> None:
+    """tlsweep's own cost, from each round's trial durations (as Optuna recorded them) and d's
+    feature pass and fits: per trial, and once per sweep; medians over the rounds."""
+    trials = int(np.prod([len(v) for v in GRID.values()]))
+    per_trial = median(
+        (sum(durations) - d_pass - d_fits) / trials
+        for (_, _, durations), (_, _, d_pass, d_fits) in zip(a_runs, d_runs, strict=True)
+    )
+    once = median(a_time - sum(durations) for a_time, _, durations in a_runs)
+    durations, d_run = a_runs[0][2], d_runs[0]
+    print(
+        f"tlsweep overhead per trial: {per_trial:.2f} s  (round 1: trial durations "
+        f"{sum(durations):.1f} s - backbone and feature pass {d_run[2]:.1f} s - bare fits "
+        f"{d_run[3]:.1f} s, / {trials}: config, Optuna, MLflow logging, figures, head weights; "
+        "target < 1 s)"
+    )
+    print(
+        f"tlsweep once per sweep: {once:.1f} s  (data, study and parent run, leaderboard, plots, "
+        "the champion's full model and its registration)"
+    )
 
 
 def timed_sweep(tmp: Path, name: str, base: dict, cache: bool) -> tuple[float, float, list[float]]:
@@ -129,13 +155,14 @@ def timed_floor(base: dict, like_tlsweep: bool = False) -> tuple[float, float, f
     """One feature pass, then eight plain ``fit`` calls of the head on in-memory features:
     total seconds, best val_accuracy, seconds of the feature pass and of the fits.
 
-    ``like_tlsweep``: fit with tlsweep's ``steps_per_execution``, and also compute the test
-    features and predict validation and test once per trial, as a tlsweep trial does.
+    ``like_tlsweep``: fit as a tlsweep trial does (its ``steps_per_execution``, validation by
+    `ValidationOnFeatures`), also compute the test features, and predict validation and test
+    once per head (`predict_small`).
     """
     from tlsweep.config import load_config
     from tlsweep.data import load_data
     from tlsweep.model import build_classifier, build_head, feature_extractor
-    from tlsweep.train import HEAD_STEPS_PER_EXECUTION
+    from tlsweep.train import HEAD_STEPS_PER_EXECUTION, ValidationOnFeatures, predict_small
 
     overrides = [f"{k}={'null' if v is None else v}" for k, v in base.items()]
     start = time.perf_counter()
@@ -164,17 +191,22 @@ def timed_floor(base: dict, like_tlsweep: bool = False) -> tuple[float, float, f
                     metrics=["accuracy"],
                     steps_per_execution=HEAD_STEPS_PER_EXECUTION if like_tlsweep else 1,
                 )
+                validation = (
+                    {"callbacks": [ValidationOnFeatures(x["val"], data.val.labels)]}
+                    if like_tlsweep
+                    else {"validation_data": (x["val"], data.val.labels)}
+                )
                 history = head.fit(
                     x["train"],
                     data.train.labels,
                     batch_size=batch,
                     verbose=0,
                     epochs=cfg.train.epochs,
-                    validation_data=(x["val"], data.val.labels),
+                    **validation,
                 )
                 best = max(best, max(history.history["val_accuracy"]))
                 if like_tlsweep:
-                    head.predict(np.concatenate([x["val"], x["test"]]), batch_size=256, verbose=0)
+                    predict_small(head, np.concatenate([x["val"], x["test"]]))
     end = time.perf_counter()
     return end - start, best, fits_start - pass_start, end - fits_start
 

@@ -78,6 +78,17 @@ def test_each_mode_matches_imagenet_utils(mode: str) -> None:
     assert np.allclose(_apply(preprocessing_layers(mode), pixels), expected, atol=1e-3)
 
 
+@pytest.mark.parametrize("mode", ["caffe", "tf", "torch", "none"])
+def test_preprocessing_layers_draw_no_seeded_random_numbers(mode: str) -> None:
+    """Probing ``auto`` happens once per process (memoized): had it drawn from the seeded
+    generator, a run's initial weights would depend on whether an earlier run probed."""
+    keras.utils.set_random_seed(0)
+    expected = keras.ops.convert_to_numpy(keras.random.uniform((4,)))
+    keras.utils.set_random_seed(0)
+    _apply(preprocessing_layers(mode), _pixels(3))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(keras.random.uniform((4,))), expected)
+
+
 def test_none_mode_is_identity_and_explicit_mode_wins() -> None:
     pixels = _pixels(8)
     assert preprocessing_layers("none") == []

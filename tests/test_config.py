@@ -12,6 +12,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from tlsweep.config import (
+    ComposedBase,
     Config,
     compose,
     config_dir,
@@ -225,6 +226,54 @@ def test_bad_input_is_a_one_line_user_error(overrides: list[str], expected: list
 def test_user_error_exit_code_is_2() -> None:
     assert UserError.exit_code == 2
     assert str(UserError("two\n  lines")) == "two lines"
+
+
+# --- a composed base plus value overrides (sweep trials) -----------------------------------
+
+BASE = ("backbone=vgg16", "backbone.weights=null", "train.early_stopping.monitor=val_loss")
+
+
+def _outcome(make: Callable[[], Config]) -> Config | str:
+    try:
+        return make()
+    except UserError as exc:
+        return f"UserError: {exc}"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["head.dense_units=512", "head.dropout=0.30000000000000004", "train.batch_size=10"],
+        ["optimizer.learning_rate=1e-4", "head.pooling=max", "train.early_stopping.patience=null"],
+        ["data.classes=[a,b]", "tracking.run_name='a b'", "backbone.weights=null"],
+        ["augment=light", "head.dropout=0.2"],  # a group: Hydra's composition
+        ["optimizer=sgd", "optimizer.momentum=0.9"],
+        ["+backbone.options.alpha=0.5"],
+        ["head.dense_units=abc"],
+        ["head.units=3"],
+        ["backbone=nope"],
+        ["head.dropout=1.0"],
+    ],
+)
+def test_composed_base_loads_what_full_composition_loads(overrides: list[str]) -> None:
+    fast = _outcome(lambda: ComposedBase(BASE).load(overrides))
+    assert fast == _outcome(lambda: load_config([*BASE, *overrides]))
+
+
+def test_composed_base_applies_values_without_recomposing(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = ComposedBase(BASE)
+
+    def no_hydra(overrides: object) -> None:
+        raise AssertionError(f"composed again for {overrides}")
+
+    monkeypatch.setattr("tlsweep.config.compose", no_hydra)
+    cfg = base.load(["head.dense_units=7", "optimizer.learning_rate=0.01"])
+    assert (cfg.head.dense_units, cfg.optimizer.learning_rate) == (7, 0.01)
+    assert (cfg.backbone.name, cfg.train.early_stopping.monitor) == ("vgg16", "val_loss")
+    assert base.load().head.dense_units != 7, "the base itself must not change"
+    with pytest.raises(AssertionError, match="composed again"):
+        base.load(["optimizer=sgd"])  # a config group needs Hydra
 
 
 # --- flatten and to_yaml -------------------------------------------------------------------

@@ -410,11 +410,20 @@ def digits_model(make_shared_config):
 def test_head_on_features_equals_the_full_model(digits_model) -> None:
     _, model, data = digits_model
     features = compute_features(feature_extractor(model), data.test, "test")
-    via_head = head_of(model).predict(features, verbose=0)
-    full = model.predict(data.test.images.astype("float32"), verbose=0)
+    # Random ResNet50 features are large: an untrained head's softmax saturates (one class at
+    # ~1.0 for every image), which would make the comparison blind. Scaled-down final weights
+    # keep the probabilities image-dependent.
+    last = head_of(model).layers[-1]
+    original = keras.ops.convert_to_numpy(last.kernel)
+    last.kernel.assign(original * 2e-2)
+    try:
+        via_head = head_of(model).predict(features, verbose=0)
+        full = model.predict(data.test.images.astype("float32"), verbose=0)
+    finally:
+        last.kernel.assign(original)
     assert features.shape == (len(data.test), 2048)
     assert features.std(axis=0).mean() > 1e-3  # real, image-dependent features
-    assert full.std(axis=0).max() > 1e-4  # predictions differ from image to image
+    assert full.std(axis=0).max() > 1e-3  # predictions differ from image to image
     np.testing.assert_allclose(via_head, full, atol=1e-5)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from tlsweep.sweep import (
     FAIL_REASON_ATTR,
     RUN_ID_ATTR,
     SweepSummary,
+    _objective,
     _run,
     _samplers,
     make_pruner,
@@ -231,6 +233,38 @@ def test_unusable_storage_is_a_user_error_and_creates_nothing(
     assert not (tmp_path / "mlruns" / "optuna.db").exists()
 
 
+def test_unreadable_data_is_refused_before_any_study_or_run(
+    tiny_spec, store_runs, tmp_path: Path
+) -> None:
+    spec = tiny_spec("data=folder", f"data.path={tmp_path / 'no_photos'}")
+    with pytest.raises(UserError, match="no_photos: no such directory"):
+        run_sweep(spec)
+    assert store_runs() == []
+    assert not (tmp_path / "mlruns" / "optuna.db").exists()
+
+
+def test_trials_share_the_preloaded_data_unless_they_search_it(
+    tiny_spec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads: list[tuple[str, int]] = []
+
+    def load_data(cfg, size: int) -> object:
+        loads.append((cfg.name, size))
+        return object()
+
+    monkeypatch.setattr(_objective, "load_data", load_data)
+    spec = tiny_spec()
+    base = _objective.trial_configs(spec).load()
+    memo = _run.preload_data(spec, base)
+    memo.load(copy.deepcopy(base.data), base.backbone.input_size)  # an equal config: no load
+    assert loads == [("digits", base.backbone.input_size)]
+    memo.load(base.data, base.backbone.input_size * 2)
+    assert len(loads) == 2
+    searching = tiny_spec(space={"backbone.input_size": "choice(32, 48)"})
+    _run.preload_data(searching, base)
+    assert len(loads) == 2, "a searched input size: each trial loads its own"
+
+
 def test_default_storage_is_mlruns_optuna_db(tmp_path: Path) -> None:
     assert sweep.storage_url(SweepSettings()) == f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
 
@@ -271,7 +305,7 @@ class StandInObjective:
     interrupt_at: int | None = None
     fail_at: int | None = None
 
-    def __init__(self, spec, parent_run_id, progress, backbones=None) -> None:
+    def __init__(self, spec, *session_parts) -> None:
         self.spec = spec
 
     def __call__(self, trial: optuna.Trial) -> float:

@@ -24,7 +24,9 @@ from tlsweep.model import backbone_of, build_classifier
 from tlsweep.train import (
     KeepBestWeights,
     TrainResult,
+    ValidationOnFeatures,
     configure_devices,
+    predict_small,
     seed_everything,
     train,
     training_path,
@@ -324,3 +326,36 @@ def test_keep_best_weights_restores_layers_a_later_stage_unfroze() -> None:
     assert keep.best_epoch == 0
     for variable in model.weights:
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), at_best[variable.path])
+
+
+def test_predict_small_matches_predict_in_inference_mode() -> None:
+    keras.utils.set_random_seed(0)
+    head = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dropout(0.5), keras.layers.Dense(3, "softmax")]
+    )
+    inputs = np.random.default_rng(0).normal(size=(11, 6)).astype("float16")
+    got = predict_small(head, inputs, batch_size=4)  # three calls, the last one short
+    assert got.shape == (11, 3) and got.dtype == np.float32
+    expected = head.predict(inputs.astype("float32"), batch_size=4, verbose=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)  # no dropout applied
+
+
+def test_validation_on_features_logs_what_keras_validation_logs() -> None:
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(40, 5)).astype("float32"), rng.integers(0, 3, 40)
+    x_val, y_val = rng.normal(size=(13, 5)).astype("float32"), rng.integers(0, 3, 13)
+
+    def fitted(**kwargs: Any) -> dict[str, list[float]]:
+        keras.utils.set_random_seed(0)
+        head = keras.Sequential(
+            [keras.Input((5,)), keras.layers.Dense(8, "relu"), keras.layers.Dense(3, "softmax")]
+        )
+        head.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+        return head.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0, **kwargs).history
+
+    by_keras = fitted(validation_data=(x_val, y_val), validation_batch_size=4)
+    direct = fitted(callbacks=[ValidationOnFeatures(x_val, y_val)])
+    assert list(direct) == list(by_keras)
+    for key in ("val_loss", "val_accuracy"):
+        np.testing.assert_allclose(direct[key], by_keras[key], rtol=1e-5)
+    assert len(set(direct["val_loss"])) == 3, "a value per epoch, following the training"

@@ -12,6 +12,7 @@ pooling applies. Its preprocessing must be declared: there is no ``preprocess_in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -60,13 +61,19 @@ def preprocess_mode(cfg: BackboneConfig) -> str:
             "backbone.preprocess=auto is not allowed for backbone=custom: declare what the "
             f"model expects on raw 0-255 pixels: {', '.join(CUSTOM_PREPROCESS_MODES)}"
         )
+    return _probed_mode(cfg.architecture)
+
+
+@functools.cache
+def _probed_mode(architecture: str) -> str:
+    """The built-in mode matching ``architecture``'s ``preprocess_input`` (probed once)."""
     probe = np.random.default_rng(0).uniform(0, 255, (1, 2, 2, 3)).astype("float32")
-    expected = np.asarray(own_preprocess_input(cfg.architecture)(probe.copy()))
+    expected = np.asarray(own_preprocess_input(architecture)(probe.copy()))
     for mode in ("caffe", "tf", "torch", "none"):
         if np.allclose(_probe(mode, probe), expected, atol=1e-4):
             return mode
     raise UserError(
-        f"cannot express {cfg.architecture}'s preprocess_input with built-in layers; "
+        f"cannot express {architecture}'s preprocess_input with built-in layers; "
         "set backbone.preprocess to caffe, tf, torch or none"
     )
 
@@ -87,7 +94,13 @@ def _probe(mode: str, probe: np.ndarray) -> np.ndarray:
 def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
     """Built-in layers that map raw RGB pixels in [0, 255] as ``preprocess_input`` does."""
     if mode == "caffe":  # RGB -> BGR, minus the ImageNet mean (ResNet, VGG)
-        flip = keras.layers.Dense(3, trainable=False, name="rgb_to_bgr_minus_mean")
+        flip = keras.layers.Dense(  # zeros: set below, and no draw from the seeded generator
+            3,
+            trainable=False,
+            kernel_initializer="zeros",
+            bias_initializer="zeros",
+            name="rgb_to_bgr_minus_mean",
+        )
         flip.build((None, 3))
         flip.set_weights(
             [np.eye(3, dtype="float32")[::-1], -np.array(IMAGENET_MEAN_BGR, "float32")]

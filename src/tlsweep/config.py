@@ -7,6 +7,7 @@ composition, before anything is trained.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -189,6 +190,47 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
 def load_config(overrides: Sequence[str] = ()) -> Config:
     """Compose, type-check and validate: the one way a `Config` is made from user input."""
     return to_config(compose(overrides))
+
+
+class ComposedBase:
+    """A config composed once, from which configs that add value overrides are made cheaply.
+
+    ``base.load(more)`` equals ``load_config([*base.overrides, *more])``. Hydra applies value
+    overrides (``key=value``) to the composed config after its defaults, with
+    ``OmegaConf.update(cfg, key, value, merge=True)``; this does the same on a copy of the
+    composed base, which spares a sweep trial the full composition (~0.2 s against ~10 ms).
+    Anything else (a config group such as ``backbone=vgg16``, ``+key``, ``~key``, a value
+    Hydra would refuse) goes through Hydra's full composition and its errors.
+    """
+
+    def __init__(self, overrides: Sequence[str] = ()) -> None:
+        self.overrides = tuple(overrides)
+        self._raw = compose(self.overrides)
+
+    def load(self, overrides: Sequence[str] = ()) -> Config:
+        raw = self._with_values(overrides)
+        if raw is None:
+            return load_config([*self.overrides, *overrides])
+        return to_config(raw)
+
+    def _with_values(self, overrides: Sequence[str]) -> DictConfig | None:
+        """The base with ``overrides`` applied, or None if one of them is not a plain value
+        override of an existing key."""
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        raw = copy.deepcopy(self._raw)
+        try:
+            parsed = OverridesParser.create().parse_overrides(list(overrides))
+            for override in parsed:
+                key = override.key_or_group
+                plain = override.type.name == "CHANGE" and override.package is None
+                group = key in CONFIG_GROUPS or key.split(".")[0] == "hydra"
+                if not plain or group or override.is_sweep_override():
+                    return None
+                OmegaConf.update(raw, key, override.value(), merge=True)
+        except Exception:  # Hydra's own composition reports it properly
+            return None
+        return raw
 
 
 def to_config(raw: DictConfig | Mapping[str, Any]) -> Config:

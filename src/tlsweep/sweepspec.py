@@ -147,7 +147,17 @@ class SweepSpec:
 
     def trial_overrides(self, params: Mapping[str, Scalar]) -> list[str]:
         """The Hydra overrides of one trial: the base, then the sampled values."""
-        return [*self.base, *(to_override(key, value) for key, value in params.items())]
+        return [*self.base, *param_overrides(params)]
+
+    def searches(self, *prefixes: str) -> bool:
+        """Whether a searched key is one of ``prefixes`` or lies under one (``data``:
+        ``data=folder``, ``data.path``...)."""
+        return any(d.key == p or d.key.startswith(f"{p}.") for d in self.space for p in prefixes)
+
+
+def param_overrides(params: Mapping[str, Scalar]) -> list[str]:
+    """Sampled values as Hydra overrides."""
+    return [to_override(key, value) for key, value in params.items()]
 
 
 def sweeps_dir() -> Path:

@@ -34,6 +34,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import mlflow
+from mlflow.entities import RunTag
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
@@ -126,10 +127,9 @@ def guard_run(run_id: str, end: bool = True) -> Iterator[None]:
 
 
 def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
-    """Set several tags on a run."""
-    client = mlflow.MlflowClient()
-    for key, value in tags.items():
-        client.set_tag(run_id, key, str(value))
+    """Set several tags on a run (one write)."""
+    batch = [RunTag(key, str(value)) for key, value in tags.items()]
+    mlflow.MlflowClient().log_batch(run_id, tags=batch)
 
 
 def record_failure(run_id: str, exc: BaseException) -> None:
@@ -184,13 +184,14 @@ def log_inputs(
         }
     )
     mlflow.log_params({k: redact(_param_value(v)) for k, v in params.items()}, run_id=run_id)
-    client = mlflow.MlflowClient()
-    client.log_text(run_id, redact(to_yaml(cfg)), "config.yaml")
-    client.log_dict(
-        run_id,
-        {"class_names": list(data.class_names), "split_fingerprints": data.split_fingerprints},
-        "data.json",
-    )
+    described = {
+        "class_names": list(data.class_names),
+        "split_fingerprints": data.split_fingerprints,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.yaml").write_text(redact(to_yaml(cfg)))
+        (Path(tmp) / "data.json").write_text(json.dumps(described, indent=2))
+        mlflow.MlflowClient().log_artifacts(run_id, tmp)  # one upload for both
 
 
 def log_result(

@@ -9,6 +9,7 @@ head's weights (small): any of them may end up on the Pareto front.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -20,7 +21,7 @@ from optuna.trial import TrialState
 
 from tlsweep import tracking
 from tlsweep.backbones import BackboneCache
-from tlsweep.config import Config, DataConfig, load_config, to_yaml
+from tlsweep.config import ComposedBase, DataConfig
 from tlsweep.data import ImageData, load_data
 from tlsweep.experiment import execute, prepare
 from tlsweep.latency import measure_latency
@@ -28,7 +29,7 @@ from tlsweep.model import parameter_counts
 from tlsweep.progress import SweepProgress
 from tlsweep.sweep._common import FAIL_REASON_ATTR, RUN_ID_ATTR, WORKER_ATTR
 from tlsweep.sweep._samplers import suggest
-from tlsweep.sweepspec import SweepSpec
+from tlsweep.sweepspec import SweepSpec, param_overrides
 
 
 class Objective:
@@ -40,11 +41,14 @@ class Objective:
         parent_run_id: str,
         progress: SweepProgress,
         backbones: BackboneCache | None = None,
+        configs: ComposedBase | None = None,
+        data: DataMemo | None = None,
     ) -> None:
         self.spec = spec
         self.parent_run_id = parent_run_id
         self.progress = progress
-        self.data = DataMemo()
+        self.configs = configs or trial_configs(spec)  # the base, composed once
+        self.data = data or DataMemo()
         self.backbones = backbones or BackboneCache()
         self.worker = ""  # recorded on each trial, to find a dead worker's trials
         self.on_start: Callable[[], None] = lambda: None  # called once the trial is RUNNING
@@ -71,9 +75,7 @@ class Objective:
                 s.study_name, f"trial-{trial.number}", parent_run_id=self.parent_run_id, tags=tags
             ) as run_id:
                 trial.set_user_attr(RUN_ID_ATTR, run_id)
-                cfg = load_config(
-                    [*self.spec.trial_overrides(params), f"train.early_stopping.monitor={s.metric}"]
-                )
+                cfg = self.configs.load([*param_overrides(params), monitor_override(s.metric)])
                 prepared = prepare(cfg, load=self.data.load, backbones=self.backbones)
                 callbacks = [reporter, self.progress.epoch_callback(trial.number, cfg)]
                 result = execute(
@@ -167,19 +169,32 @@ def _short(value: float) -> str:
     return f"{value:.0f}" if value >= 1000 else f"{value:.4g}"
 
 
+def trial_configs(spec: SweepSpec) -> ComposedBase:
+    """The sweep's base config, composed once: each trial adds its sampled values, then the
+    sweep's metric as the early-stopping monitor (the same as composing
+    ``[*spec.trial_overrides(params), monitor_override(metric)]``)."""
+    return ComposedBase([*spec.base, monitor_override(spec.settings.metric)])
+
+
+def monitor_override(metric: str) -> str:
+    return f"train.early_stopping.monitor={metric}"
+
+
 class DataMemo:
     """Keeps the last loaded dataset: trials of one sweep usually share it."""
 
     def __init__(self) -> None:
-        self._key: tuple[str, int] | None = None
+        self._key: tuple[DataConfig, int] | None = None
         self._data: ImageData | None = None
 
     def load(self, cfg: DataConfig, input_size: int) -> ImageData:
-        key = (to_yaml(Config(data=cfg)), input_size)
-        if key != self._key or self._data is None:
+        if self._data is None or self._key != (cfg, input_size):
             self._data = load_data(cfg, input_size)
-            self._key = key
+            self._key = (copy.deepcopy(cfg), input_size)
         return self._data
+
+    def clear(self) -> None:
+        self._key, self._data = None, None
 
 
 # --- summarising -----------------------------------------------------------------------------

@@ -19,11 +19,11 @@ from optuna.trial import TrialState
 
 from tlsweep import tracking
 from tlsweep.backbones import BackboneCache
-from tlsweep.config import Config, load_config
+from tlsweep.config import ComposedBase, Config
 from tlsweep.progress import SweepProgress
 from tlsweep.sweep import _samplers
 from tlsweep.sweep._common import ENDED_STATES, FINISHED_STATES, PARENT_RUN_ATTR, count
-from tlsweep.sweep._objective import Objective
+from tlsweep.sweep._objective import DataMemo, Objective, trial_configs
 from tlsweep.sweep._storage import (
     SESSIONS_ATTR,
     StudyLock,
@@ -45,7 +45,8 @@ class Session:
     study: optuna.Study
     lock: StudyLock
     parent_run_id: str
-    base: Config
+    configs: ComposedBase  # the base config, composed once; trials add their values
+    data: DataMemo  # the data the trials train on (loaded once, if they all share it)
     backbones: BackboneCache = field(default_factory=BackboneCache)  # trials and the champion
 
 
@@ -76,7 +77,9 @@ def open_session(spec: SweepSpec, workers: int = 1) -> Session:
     values (the grid keeps ``seed``: see `sampler_factory`).
     """
     s = spec.settings
-    base = load_config([*spec.base, f"train.early_stopping.monitor={s.metric}"])
+    configs = trial_configs(spec)
+    base = configs.load()
+    data = preload_data(spec, base)  # bad data stops here, before any study or run exists
     sampler_for = _samplers.sampler_factory(s, spec.space)  # refuse bad settings early
     pruner = _samplers.make_pruner(s)
     url = storage_url(s, workers)
@@ -91,7 +94,16 @@ def open_session(spec: SweepSpec, workers: int = 1) -> Session:
         )
         study.set_user_attr(PARENT_RUN_ATTR, parent)
         study.set_user_attr(SESSIONS_ATTR, session_number + 1)
-    return Session(spec, url, study, lock, parent, base)
+    return Session(spec, url, study, lock, parent, configs, data)
+
+
+def preload_data(spec: SweepSpec, base: Config) -> DataMemo:
+    """The data of the base config, loaded now unless the search space changes it (then each
+    trial loads its own): a folder that cannot be read is refused before the first trial."""
+    memo = DataMemo()
+    if not spec.searches("data", "backbone"):  # e.g. backbone.input_size: resized images
+        memo.load(base.data, base.backbone.input_size)
+    return memo
 
 
 def work(session: Session, progress: SweepProgress, worker: str | None = None) -> None:
@@ -101,7 +113,14 @@ def work(session: Session, progress: SweepProgress, worker: str | None = None) -
     process; the loop also ends at the timeout and when a grid has every point done.
     """
     s, study = session.spec.settings, session.study
-    objective = Objective(session.spec, session.parent_run_id, progress, session.backbones)
+    objective = Objective(
+        session.spec,
+        session.parent_run_id,
+        progress,
+        session.backbones,
+        session.configs,
+        session.data,
+    )
     objective.worker = worker or worker_id()
     deadline = None if s.timeout is None else time.monotonic() + s.timeout
     max_failures, failures = max(3, s.n_trials), 0

@@ -49,7 +49,8 @@ def run_workers(
 ) -> SweepSummary:
     """Run the sweep with ``workers`` local processes (one per GPU when ``gpus`` is given)."""
     slots = list(gpus) if gpus else [None] * workers
-    session = open_session(spec, workers=max(len(slots), 2))
+    session = open_session(spec, workers=max(len(slots), 2))  # refuses bad data, settings...
+    session.data.clear()  # ...but the supervisor trains nothing: the workers load their own
     progress = progress or default_progress(spec)
     progress.started(spec.settings.study_name, done=min(finished(session), spec.settings.n_trials))
     command = worker_command(sweep_args, session.url)
