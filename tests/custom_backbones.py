@@ -32,3 +32,21 @@ def save_tiny_convnet(path: Path, **kwargs: object) -> Path:
 
 def not_a_model(input_shape: tuple[int, int, int]) -> str:
     return f"not a model {input_shape}"
+
+
+def blocks_convnet(
+    input_shape: tuple[int, int, int] = (None, None, 3), tail: bool = False
+) -> keras.Model:
+    """A stem, then a nested block model (Conv2D -> BatchNormalization), then with ``tail`` a
+    ReLU: fine-tuning its top layers must reach inside the block and still leave the
+    BatchNorm frozen."""
+    block_in = keras.Input((None, None, 4))
+    y = keras.layers.Conv2D(4, 3, padding="same", name="block_conv")(block_in)
+    y = keras.layers.BatchNormalization(name="block_bn")(y)
+    block = keras.Model(block_in, y, name="block")
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(4, 3, strides=2, name="stem")(inputs)
+    x = block(x)
+    if tail:
+        x = keras.layers.ReLU(name="tail")(x)
+    return keras.Model(inputs, x, name="blocks_convnet")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tlsweep.config import Config, load_config
+from tlsweep.errors import UserError
 from tlsweep.model import (
     augmentation_layers,
     backbone_of,
@@ -173,6 +174,42 @@ def test_unfreeze_top_keeps_batchnorm_frozen(make_config: Callable[..., Config])
     # BatchNorm contributes no trainable weight (gamma/beta stay fixed)
     bn_weights = {id(w) for layer in batchnorm for w in layer.weights}
     assert not bn_weights & {id(w) for w in model.trainable_weights}
+
+
+def test_unfreeze_top_reaches_into_nested_blocks_and_skips_their_batchnorm(
+    make_config: Callable[..., Config],
+) -> None:
+    cfg = make_config(
+        "backbone=custom",
+        "backbone._target_=custom_backbones:blocks_convnet",
+        "backbone.preprocess=tf",
+        "~backbone.options.alpha",
+    )
+    model = _build(cfg)
+    block = backbone_of(model).get_layer("block")
+    conv, bn = block.get_layer("block_conv"), block.get_layer("block_bn")
+    assert unfreeze_top(model, 2) == 1  # the block's two weighted layers: conv, BatchNorm
+    assert conv.trainable and not bn.trainable
+    trainable = {id(w) for w in model.trainable_weights}
+    assert {id(w) for w in conv.weights} <= trainable
+    assert not {id(w) for w in bn.weights} & trainable
+    assert not backbone_of(model).get_layer("stem").trainable
+
+
+def test_a_cut_at_a_nested_model_inside_the_network_is_a_user_error(
+    make_config: Callable[..., Config],
+) -> None:
+    custom = (
+        "backbone=custom",
+        "backbone._target_=custom_backbones:blocks_convnet",
+        "backbone.preprocess=tf",
+        "~backbone.options.alpha",
+        "+backbone.options.tail=true",
+    )
+    with pytest.raises(UserError, match="cannot cut at 'block', a nested model"):
+        _build(make_config(*custom, "backbone.cut_layer=block"))
+    backbone = backbone_of(_build(make_config(*custom)))  # by default: at the tail
+    assert backbone.layers[-1].name == "tail" and backbone.get_layer("block")
 
 
 def test_unfreeze_nothing(make_config: Callable[..., Config]) -> None:

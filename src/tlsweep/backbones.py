@@ -172,7 +172,16 @@ def build_custom_backbone(cfg: BackboneConfig) -> keras.Model:
         )
     model = _as_functional(model, cfg.input_size, source)
     layer = model.get_layer(cut_layer_name(model, cfg.cut_layer, source))
-    return keras.Model(model.inputs[0], layer.output, name=f"{cfg.name}_backbone")
+    # A nested model's ``output`` is its own inner tensor; as the last layer, its output in
+    # this graph is the model's output.
+    output = model.outputs[0] if layer is model.layers[-1] else layer.output
+    try:
+        return keras.Model(model.inputs[0], output, name=f"{cfg.name}_backbone")
+    except ValueError:  # a nested model in the middle: its output here is not reachable
+        raise UserError(
+            f"{source}: cannot cut at '{layer.name}', a nested model inside the network; "
+            "set backbone.cut_layer to a layer after it (e.g. its activation) or to the last"
+        ) from None
 
 
 def load_keras_model(path: str) -> keras.Model:

@@ -15,7 +15,7 @@ the model that is evaluated, logged and served sees the images as they are.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import keras
 
@@ -140,15 +140,27 @@ def backbone_of(model: keras.Model) -> keras.Model:
 def unfreeze_top(model: keras.Model, n_layers: int) -> int:
     """Make the top ``n_layers`` of the backbone trainable, BatchNorm excluded.
 
-    Returns how many layers were unfrozen. The caller must recompile the model.
+    Layers are counted inside nested models too (a custom backbone built from blocks), so
+    that a BatchNorm within a block stays frozen. Returns how many layers were unfrozen. The
+    caller must recompile the model.
     """
     backbone = backbone_of(model)
-    backbone.trainable = True
-    candidates = [layer for layer in backbone.layers if layer.weights]
+    backbone.trainable = True  # nested models included: their own flags are then set below
+    layers = list(leaf_layers(backbone))
+    candidates = [layer for layer in layers if layer.weights]
     top = candidates[-n_layers:] if n_layers else []
-    for layer in backbone.layers:
+    for layer in layers:
         layer.trainable = layer in top and not isinstance(layer, keras.layers.BatchNormalization)
     return sum(layer.trainable for layer in top)
+
+
+def leaf_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
+    """The layers of ``model`` in order, with nested models replaced by their own layers."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from leaf_layers(layer)
+        else:
+            yield layer
 
 
 def make_optimizer(cfg: OptimizerConfig, learning_rate: float | None = None) -> keras.Optimizer:

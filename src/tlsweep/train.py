@@ -284,7 +284,8 @@ class ValidationOnFeatures(keras.callbacks.Callback):
         probabilities = predict_small(self.model, self.features)
         losses = keras.losses.sparse_categorical_crossentropy(self.labels, probabilities)
         loss = float(keras.ops.convert_to_numpy(keras.ops.mean(losses)))
-        logs["val_accuracy"] = float(np.mean(probabilities.argmax(axis=1) == self.labels))
+        correct = np.float32((probabilities.argmax(axis=1) == self.labels).sum())
+        logs["val_accuracy"] = float(correct / np.float32(len(self.labels)))  # as Keras: float32
         logs["val_loss"] = loss + sum(
             float(keras.ops.convert_to_numpy(x)) for x in self.model.losses
         )
