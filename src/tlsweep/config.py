@@ -223,7 +223,8 @@ class ComposedBase:
             parsed = OverridesParser.create().parse_overrides(list(overrides))
             for override in parsed:
                 key = override.key_or_group
-                plain = override.type.name == "CHANGE" and override.package is None
+                changes = not (override.is_add() or override.is_force_add() or override.is_delete())
+                plain = changes and override.package is None
                 group = key in CONFIG_GROUPS or key.split(".")[0] == "hydra"
                 if not plain or group or override.is_sweep_override():
                     return None

@@ -284,8 +284,8 @@ class ValidationOnFeatures(keras.callbacks.Callback):
         probabilities = predict_small(self.model, self.features)
         losses = keras.losses.sparse_categorical_crossentropy(self.labels, probabilities)
         loss = float(keras.ops.convert_to_numpy(keras.ops.mean(losses)))
-        correct = np.float32((probabilities.argmax(axis=1) == self.labels).sum())
-        logs["val_accuracy"] = float(correct / np.float32(len(self.labels)))  # as Keras: float32
+        hits = keras.metrics.sparse_categorical_accuracy(self.labels, probabilities)
+        logs["val_accuracy"] = float(keras.ops.convert_to_numpy(keras.ops.mean(hits)))
         logs["val_loss"] = loss + sum(
             float(keras.ops.convert_to_numpy(x)) for x in self.model.losses
         )
