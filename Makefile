@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml
 sweep: $(STAMP)  ## the offline quickstart sweep (digits, no downloads)
 	$(BIN)/tlsweep sweep quickstart
 
-test: $(STAMP)  ## lint, then the whole suite, slow end-to-end tests included (what CI runs)
+test: $(STAMP)  ## lint, the whole suite (slow tests included), then the backend tests on JAX (CI)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -m "slow or not slow"
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -m backend -p no:cacheprovider
 
 test-fast: $(STAMP)  ## the default suite: everything but the slow tests
 	$(BIN)/python -m pytest
@@ -38,6 +39,8 @@ format: $(STAMP)
 bench: $(STAMP)  ## benchmarks (not part of the tests); figures go to bench/RESULTS.md
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.load
+	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.gpu --images 200 --size 64 --epochs 2  # on a GPU: no arguments
 
 ui: $(STAMP)
 	$(BIN)/tlsweep ui

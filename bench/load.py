@@ -102,8 +102,8 @@ def bare_fit_seconds(folder: Path, repeats: int = 5) -> float:
     )
     data = load_data(cfg.data, cfg.backbone.input_size)
     extractor = feature_extractor(build_classifier(cfg.backbone, cfg.head, data.num_classes))
-    x = extractor.predict(data.train.images.astype("float32"), verbose=0)
-    xv = extractor.predict(data.val.images.astype("float32"), verbose=0)
+    x = extractor.predict(data.train.read().astype("float32"), verbose=0)
+    xv = extractor.predict(data.val.read().astype("float32"), verbose=0)
     timings = []
     for _ in range(repeats):
         start = time.perf_counter()

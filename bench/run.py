@@ -225,7 +225,7 @@ def timed_floor(base: dict, like_tlsweep: bool = False) -> tuple[float, float, f
     splits = ("train", "val", "test") if like_tlsweep else ("train", "val")
     x = {
         split: extractor.predict(
-            getattr(data, split).images.astype("float32"), batch_size=64, verbose=0
+            getattr(data, split).read().astype("float32"), batch_size=64, verbose=0
         )
         for split in splits
     }
@@ -263,15 +263,24 @@ def timed_floor(base: dict, like_tlsweep: bool = False) -> tuple[float, float, f
 
 
 def machine_report() -> str:
+    """The machine, Python, the Keras backend and its devices, and the library versions
+    (those installed: a JAX machine may have no TensorFlow)."""
     from importlib import metadata
 
-    packages = ("tensorflow", "keras", "optuna", "mlflow", "numpy", "tlsweep")
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in packages)
+    from tlsweep import backend
+
+    packages = ("keras", *backend.PACKAGES[backend.name()], "optuna", "mlflow", "numpy")
+    found = []
+    for package in (*packages, "pillow", "tlsweep"):
+        try:
+            found.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            continue
     devices = ", ".join(str(d) for d in keras.distribution.list_devices())
     return (
         f"machine: {platform.platform()}, {os.cpu_count()} CPUs, {platform.processor() or '?'}; "
         f"python {platform.python_version()}; keras backend {keras.backend.backend()} on "
-        f"{devices}\nversions: {versions}"
+        f"{devices}\nversions: {', '.join(found)}"
     )
 
 

@@ -220,8 +220,10 @@ def test_cache_ls_lists_entries_and_clear_removes_them(
 
     store = FeatureStore(tmp_path / "features", max_bytes=10**9)
     description = {"backbone": "resnet50", "input_size": 32, "pooling": "avg", "split": "val"}
-    store.get_or_compute("k1", lambda: np.ones((5, 8)), {**description, "n": 5})
-    store.get_or_compute("k2", lambda: np.ones((3, 8)), {**description, "n": 3})
+    store.get_or_compute("k1", (5, 8), lambda: [np.ones((5, 8))], {**description, "n": 5})
+    store.get_or_compute("k2", (3, 8), lambda: [np.ones((3, 8))], {**description, "n": 3})
+    (store.directory / "manifests").mkdir()
+    (store.directory / "manifests" / "0123.json").write_text("{}")
     where = f"cache.dir={tmp_path / 'features'}"
 
     assert main(["cache", "ls", where]) == 0
@@ -232,6 +234,7 @@ def test_cache_ls_lists_entries_and_clear_removes_them(
     assert main(["cache", "clear", where]) == 0
     assert "removed 2 entries" in capsys.readouterr().out
     assert store.entries() == []
+    assert not (store.directory / "manifests").exists()  # folder manifests go too
     assert main(["cache", "ls", where]) == 0
     assert "0 entries" in capsys.readouterr().out
 

@@ -1,7 +1,9 @@
-"""Data sources: digits, image folders (both layouts, every format), keras offline, batches."""
+"""Data sources: digits, image folders (both layouts, every format), keras offline; reading
+images on demand; the folder manifest."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -9,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from sklearn.datasets import load_digits
 
+from tlsweep import data as data_module
 from tlsweep.config import Config
-from tlsweep.data import ImageData, batches, load_data
+from tlsweep.data import ImageData, load_data
 from tlsweep.errors import UserError
 
 N_DIGITS = 1797
@@ -45,10 +47,11 @@ def test_digits_shapes_and_classes(digits32: ImageData) -> None:
     assert data.class_names == tuple(str(i) for i in range(10))
     assert data.num_classes == 10
     for split in (data.train, data.val, data.test):
-        assert split.images.dtype == np.uint8
-        assert split.images.shape[1:] == (32, 32, 3)
-        assert split.images.shape[0] == len(split.labels)
-        assert split.images.max() > 200  # rendered at full contrast, not left in 0..16
+        images = split.read()
+        assert images.dtype == np.uint8
+        assert images.shape[1:] == (32, 32, 3)
+        assert images.shape[0] == len(split.labels)
+        assert images.max() > 200  # rendered at full contrast, not left in 0..16
         assert set(np.unique(split.labels)) == set(range(10))
 
 
@@ -72,7 +75,7 @@ def test_digits_split_is_seeded(make_config: Callable[..., Config]) -> None:
     other = _load(make_config, "data.split_seed=1")
     assert first.fingerprint == again.fingerprint
     assert first.split_fingerprints == again.split_fingerprints
-    np.testing.assert_array_equal(first.train.images, again.train.images)
+    np.testing.assert_array_equal(first.train.read(), again.train.read())
     np.testing.assert_array_equal(first.test.labels, again.test.labels)
     assert other.fingerprint != first.fingerprint
     assert other.counts == first.counts
@@ -88,8 +91,9 @@ def test_digits_images_are_the_dataset_images(make_config: Callable[..., Config]
         label_of[image.tobytes()].add(int(target))
     data = _load(make_config)
     for split in (data.train, data.val, data.test):
-        assert np.array_equal(split.images[..., 0], split.images[..., 2])  # gray as RGB
-        for image, label in zip(split.images, split.labels, strict=True):
+        images = split.read()
+        assert np.array_equal(images[..., 0], images[..., 2])  # gray as RGB
+        for image, label in zip(images, split.labels, strict=True):
             assert int(data.class_names[label]) in label_of[image[..., 0].tobytes()]
 
 
@@ -103,7 +107,7 @@ def test_digits_class_subset_remaps_labels(make_config: Callable[..., Config]) -
     assert sum(data.counts.values()) == n_kept
     for split in (data.train, data.val, data.test):
         assert set(np.unique(split.labels)) == {0, 1}
-        for image, label in zip(split.images, split.labels, strict=True):
+        for image, label in zip(split.read(), split.labels, strict=True):
             assert by_image[image[..., 0].tobytes()] == (7, 3)[label]
 
 
@@ -146,9 +150,10 @@ def test_every_image_format_loads_as_rgb(
     assert sum(data.counts.values()) == 15
     expected = {"red": (255, 0, 0), "gray": (128, 128, 128), "blue": (0, 0, 255)}
     for split in (data.train, data.val, data.test):
-        assert split.images.dtype == np.uint8
-        assert split.images.shape[1:] == (24, 24, 3)
-        for image, label in zip(split.images, split.labels, strict=True):
+        images = split.read()
+        assert images.dtype == np.uint8
+        assert images.shape[1:] == (24, 24, 3)
+        for image, label in zip(images, split.labels, strict=True):
             pixels = image.reshape(-1, 3).astype(int)
             want = np.array(expected[data.class_names[label]])
             assert np.abs(pixels - want).max() <= 3, data.class_names[label]
@@ -183,8 +188,8 @@ def test_split_folders_are_used_as_given(
     assert Counter(data.val.labels.tolist()) == {0: 2, 1: 3}
     assert Counter(data.test.labels.tolist()) == {0: 3, 1: 1}
     # test images are the blue-tinted ones written under test/
-    assert (data.test.images[..., 2] == 200).all()
-    assert (data.train.images[..., 2] == 100).all()
+    assert (data.test.read()[..., 2] == 200).all()
+    assert (data.train.read()[..., 2] == 100).all()
 
 
 def test_train_and_test_folders_carve_val_from_train(
@@ -195,9 +200,9 @@ def test_train_and_test_folders_carve_val_from_train(
     data = load_data(_folder(make_config, root, "data.val_fraction=0.2").data, 16)
     assert data.counts == {"train": 16, "val": 4, "test": 6}
     assert Counter(data.val.labels.tolist()) == {0: 2, 1: 2}
-    assert (data.test.images[..., 2] == 200).all()
-    assert (data.val.images[..., 2] == 100).all()
-    train_and_val = np.concatenate([data.train.images, data.val.images])
+    assert (data.test.read()[..., 2] == 200).all()
+    assert (data.val.read()[..., 2] == 100).all()
+    train_and_val = np.concatenate([data.train.read(), data.val.read()])
     assert len({image.tobytes() for image in train_and_val}) == 20  # no image in both
 
 
@@ -287,31 +292,108 @@ def test_unknown_keras_dataset_is_a_user_error(make_config: Callable[..., Config
         _load(make_config, "data=cifar10", "data.name=no_such_set")
 
 
-# --- batches -------------------------------------------------------------------------------
+# --- reading on demand --------------------------------------------------------------------------
 
 
-def test_batches_yield_float32_images(digits32: ImageData) -> None:
-    split = digits32.val
-    seen = []
-    for images, labels in batches(split, 64):
-        assert images.dtype == tf.float32
-        assert images.shape[1:] == (32, 32, 3)
-        assert images.shape[0] <= 64
-        seen.append(labels.numpy())
-    labels = np.concatenate(seen)
-    np.testing.assert_array_equal(labels, split.labels)  # unshuffled: in order
-    first = next(iter(batches(split, 64)))[0].numpy()
-    np.testing.assert_array_equal(first, split.images[:64].astype("float32"))
+def test_a_folder_split_holds_paths_and_reads_only_what_is_asked(
+    make_config: Callable[..., Config],
+    image_folder: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = image_folder({"cat": 6, "dog": 6})
+    data = load_data(_folder(make_config, root).data, 16)
+    split = data.train
+    assert split.from_files and split.items.dtype.kind == "U"  # paths, no pixels in memory
+    everything = split.read()
+    decoded: list[str] = []
+    real = data_module._render_file
+    monkeypatch.setattr(
+        data_module, "_render_file", lambda path, size: decoded.append(path) or real(path, size)
+    )
+    picked = split.read([3, 0])
+    assert sorted(decoded) == sorted([split.items[3], split.items[0]])
+    np.testing.assert_array_equal(picked, everything[[3, 0]])
 
 
-def test_shuffled_batches_are_a_seeded_permutation(digits32: ImageData) -> None:
-    split = digits32.val
+def test_in_memory_sources_keep_their_source_resolution(digits32: ImageData) -> None:
+    assert digits32.train.items.shape[1:] == (8, 8)  # the bundled 8x8 digits, not 32x32 copies
+    assert digits32.train.read([0]).shape == (1, 32, 32, 3)
 
-    def order(seed: int) -> np.ndarray:
-        tf.random.set_seed(0)
-        return np.concatenate([y.numpy() for _, y in batches(split, 50, shuffle=True, seed=seed)])
 
-    shuffled = order(3)
-    assert sorted(shuffled.tolist()) == sorted(split.labels.tolist())
-    assert not np.array_equal(shuffled, split.labels)
-    np.testing.assert_array_equal(order(3), shuffled)
+def test_a_truncated_image_is_named_when_read(
+    make_config: Callable[..., Config], image_folder: Callable[..., Path], tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    root = image_folder({"cat": 4, "dog": 4})
+    photo = root / "cat" / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), "uint8")).save(photo)
+    photo.write_bytes(photo.read_bytes()[:-600])  # its header reads; its pixels do not
+    data = load_data(_folder(make_config, root, "data.test_fraction=0.25").data, 16)
+    split = next(s for s in (data.train, data.val, data.test) if str(photo) in s.items)
+    with pytest.raises(UserError) as info:
+        split.read()
+    assert str(photo) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+# --- the folder manifest ------------------------------------------------------------------------
+
+
+def test_manifest_spares_reading_unchanged_files(
+    make_config: Callable[..., Config],
+    image_folder: Callable[..., Path],
+    write_image: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    root = image_folder({"cat": 5, "dog": 5})
+    cfg = _folder(make_config, root, "data.test_fraction=0.2").data
+    manifests = tmp_path / "manifests"
+    hashed: list[str] = []
+    real = data_module._checked_digest
+    monkeypatch.setattr(data_module, "_checked_digest", lambda p: hashed.append(p) or real(p))
+    first = load_data(cfg, 16, manifests)
+    assert len(hashed) == 10 and len(list(manifests.glob("*.json"))) == 1
+    hashed.clear()
+    again = load_data(cfg, 16, manifests)
+    assert hashed == []  # nothing read again
+    assert again.fingerprint == first.fingerprint == load_data(cfg, 16).fingerprint
+    hashed.clear()  # (the load without a manifest hashed everything)
+    target = root / "cat" / "cat_1.png"
+    stat = target.stat()
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    touched = load_data(cfg, 16, manifests)
+    assert hashed == [str(target)]  # a newer mtime: read again, same content
+    assert touched.fingerprint == first.fingerprint
+    hashed.clear()
+    write_image(target, (1, 2, 3))
+    changed = load_data(cfg, 16, manifests)
+    assert hashed == [str(target)]
+    assert changed.fingerprint != first.fingerprint
+    assert changed.fingerprint == load_data(cfg, 16).fingerprint  # as if hashed from scratch
+
+
+def test_a_damaged_manifest_is_rebuilt(
+    make_config: Callable[..., Config], image_folder: Callable[..., Path], tmp_path: Path
+) -> None:
+    root = image_folder({"cat": 4, "dog": 4})
+    cfg = _folder(make_config, root, "data.test_fraction=0.25").data
+    manifests = tmp_path / "manifests"
+    first = load_data(cfg, 16, manifests)
+    (manifest,) = manifests.glob("*.json")
+    manifest.write_text("{truncated")
+    assert load_data(cfg, 16, manifests).fingerprint == first.fingerprint
+    assert json.loads(manifest.read_text())["files"]  # written whole again
+    assert not list(manifests.glob(".tmp-*"))
+
+
+def test_a_text_file_named_like_an_image_is_refused_at_load(
+    make_config: Callable[..., Config], image_folder: Callable[..., Path], tmp_path: Path
+) -> None:
+    root = image_folder({"cat": 4, "dog": 4})
+    fake = root / "dog" / "notes.png"
+    fake.write_text("not an image")
+    with pytest.raises(UserError) as info:
+        load_data(_folder(make_config, root).data, 16, tmp_path / "manifests")
+    assert str(fake) in str(info.value) and "\n" not in str(info.value)

@@ -14,6 +14,8 @@ from tlsweep.config import load_config
 from tlsweep.experiment import TRAIN_PATH_PARAM, run
 from tlsweep.features import FeatureStore
 
+pytestmark = pytest.mark.backend  # runs on every Keras backend in CI
+
 CUSTOM_RUN = (
     "data=digits",
     "data.classes=[0,1,2]",

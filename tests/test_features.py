@@ -26,6 +26,8 @@ from tlsweep.features import (
 )
 from tlsweep.model import backbone_of, build_classifier, feature_extractor, head_of
 
+pytestmark = pytest.mark.backend  # runs on every Keras backend in CI
+
 # Random ResNet50 at 32x32: cheap to build, and its pooled features vary from image to image.
 FEATURES_BASE = (
     "data=digits",
@@ -38,15 +40,20 @@ FEATURES_BASE = (
 
 
 class Counter:
-    """A compute function that counts its calls."""
+    """A compute function that counts its calls (and yields its array in two blocks)."""
 
     def __init__(self, array: np.ndarray) -> None:
         self.array = array
         self.calls = 0
 
-    def __call__(self) -> np.ndarray:
+    def __call__(self) -> list[np.ndarray]:
         self.calls += 1
-        return self.array
+        half = len(self.array) // 2
+        return [self.array[:half], self.array[half:]]
+
+
+def put(store: FeatureStore, key: str, compute: Counter, description: dict | None = None):
+    return store.get_or_compute(key, compute.array.shape, compute, description or {})
 
 
 def features_array(seed: int = 0, rows: int = 50) -> np.ndarray:
@@ -63,10 +70,10 @@ def store(tmp_path: Path) -> FeatureStore:
 
 def test_computes_once_then_hits(store: FeatureStore) -> None:
     compute = Counter(features_array().astype("float64"))
-    first, hit = store.get_or_compute("k1", compute, {"what": "test"})
+    first, hit = put(store, "k1", compute, {"what": "test"})
     assert (hit, compute.calls) == (False, 1)
     assert first.dtype == np.float32  # stored in the store's dtype
-    again, hit = store.get_or_compute("k1", compute, {"what": "test"})
+    again, hit = put(store, "k1", compute, {"what": "test"})
     assert (hit, compute.calls) == (True, 1)
     np.testing.assert_array_equal(again, first)
     assert sorted(p.name for p in store.directory.iterdir() if not p.name.endswith(".lock")) == [
@@ -79,20 +86,20 @@ def test_computes_once_then_hits(store: FeatureStore) -> None:
 
 def test_a_fresh_store_object_reads_the_entry(store: FeatureStore) -> None:
     compute = Counter(features_array())
-    store.get_or_compute("k1", compute, {})
+    put(store, "k1", compute, {})
     other = FeatureStore(store.directory, max_bytes=10**9)
-    array, hit = other.get_or_compute("k1", compute, {})
+    array, hit = put(other, "k1", compute, {})
     assert hit and compute.calls == 1
     np.testing.assert_array_equal(array, features_array())
 
 
 def test_truncated_entry_is_recomputed(store: FeatureStore) -> None:
     compute = Counter(features_array())
-    store.get_or_compute("k1", compute, {})
+    put(store, "k1", compute, {})
     data = store.directory / "k1.npy"
     data.write_bytes(data.read_bytes()[:-100])
     assert store.load("k1") is None
-    array, hit = store.get_or_compute("k1", compute, {})
+    array, hit = put(store, "k1", compute, {})
     assert (hit, compute.calls) == (False, 2)
     np.testing.assert_array_equal(array, features_array())
     np.testing.assert_array_equal(store.load("k1"), features_array())  # repaired on disk
@@ -100,13 +107,13 @@ def test_truncated_entry_is_recomputed(store: FeatureStore) -> None:
 
 def test_corrupted_bytes_are_detected(store: FeatureStore) -> None:
     compute = Counter(features_array())
-    store.get_or_compute("k1", compute, {})
+    put(store, "k1", compute, {})
     data = store.directory / "k1.npy"
     raw = bytearray(data.read_bytes())
     raw[-7] ^= 0xFF  # same size, one flipped byte inside the array
     data.write_bytes(bytes(raw))
     assert store.load("k1") is None
-    array, hit = store.get_or_compute("k1", compute, {})
+    array, hit = put(store, "k1", compute, {})
     assert (hit, compute.calls) == (False, 2)
     np.testing.assert_array_equal(array, features_array())
 
@@ -114,10 +121,13 @@ def test_corrupted_bytes_are_detected(store: FeatureStore) -> None:
 def test_entry_is_hashed_once_per_process_until_it_changes(
     store: FeatureStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store.get_or_compute("k1", Counter(features_array()), {})
+    put(store, "k1", Counter(features_array()), {})
     hashed: list[Path] = []
     real = features._sha256
     monkeypatch.setattr(features, "_sha256", lambda path: hashed.append(path) or real(path))
+    assert store.load("k1") is not None
+    assert hashed == []  # the writer hashed the bytes as it wrote them
+    monkeypatch.setattr(features, "_VERIFIED", set())  # as another process would start
     for _ in range(3):
         assert store.load("k1") is not None
     assert len(hashed) == 1  # later reads of the unchanged file skip the hash
@@ -131,18 +141,18 @@ def test_entry_is_hashed_once_per_process_until_it_changes(
 
 def test_missing_or_broken_metadata_is_a_miss(store: FeatureStore) -> None:
     compute = Counter(features_array())
-    store.get_or_compute("k1", compute, {})
+    put(store, "k1", compute, {})
     (store.directory / "k1.json").write_text("{not json")
     assert store.load("k1") is None
     (store.directory / "k1.json").unlink()
     assert store.load("k1") is None
-    store.get_or_compute("k1", compute, {})
+    put(store, "k1", compute, {})
     assert compute.calls == 2
 
 
 def test_lru_eviction_keeps_the_recently_used(store: FeatureStore) -> None:
     for i, key in enumerate(("a", "b")):
-        store.get_or_compute(key, Counter(features_array(i)), {})
+        put(store, key, Counter(features_array(i)), {})
     size = (store.directory / "a.npy").stat().st_size
     store.max_bytes = int(2.5 * size)  # room for two entries
     # a was written long ago, b less long ago; then a is read (used) again.
@@ -152,7 +162,7 @@ def test_lru_eviction_keeps_the_recently_used(store: FeatureStore) -> None:
     assert [e.key for e in store.entries()] == ["b", "a"]  # most recently used first
     assert store.load("a") is not None
     assert [e.key for e in store.entries()] == ["a", "b"]
-    store.get_or_compute("c", Counter(features_array(2)), {})
+    put(store, "c", Counter(features_array(2)), {})
     assert sorted(e.key for e in store.entries()) == ["a", "c"]  # b: least recently used
     assert not (store.directory / "b.npy").exists()
     assert not (store.directory / "b.json").exists()
@@ -160,15 +170,15 @@ def test_lru_eviction_keeps_the_recently_used(store: FeatureStore) -> None:
 
 def test_an_entry_larger_than_the_budget_is_kept_alone(store: FeatureStore) -> None:
     store.max_bytes = 1
-    store.get_or_compute("a", Counter(features_array(0)), {})
-    store.get_or_compute("b", Counter(features_array(1)), {})
+    put(store, "a", Counter(features_array(0)), {})
+    put(store, "b", Counter(features_array(1)), {})
     assert [e.key for e in store.entries()] == ["b"]
     np.testing.assert_array_equal(store.load("b"), features_array(1))
 
 
 def test_clear(store: FeatureStore) -> None:
     for i, key in enumerate(("a", "b", "c")):
-        store.get_or_compute(key, Counter(features_array(i)), {})
+        put(store, key, Counter(features_array(i)), {})
     (store.directory / ".tmp-stray.npy").write_bytes(b"half written")
     # A temporary copy of a's metadata (a write interrupted before its rename) is no entry.
     (store.directory / ".tmp-stray.json").write_text((store.directory / "a.json").read_text())
@@ -177,8 +187,61 @@ def test_clear(store: FeatureStore) -> None:
     assert store.entries() == []
     assert list(store.directory.iterdir()) == []
     compute = Counter(features_array())
-    store.get_or_compute("a", compute, {})
+    put(store, "a", compute, {})
     assert compute.calls == 1
+
+
+def test_blocks_are_written_as_they_come(store: FeatureStore) -> None:
+    """The file grows block by block: no block waits for the next one in memory."""
+    sizes: list[int] = []
+
+    def blocks() -> Iterator[np.ndarray]:
+        for i in range(3):
+            temporaries = list(store.directory.glob(".tmp-k1-*.npy"))
+            sizes.append(temporaries[0].stat().st_size if temporaries else -1)
+            yield features_array(i, rows=10)
+
+    array, hit = store.get_or_compute("k1", (30, 32), blocks, {})
+    assert not hit
+    block_bytes = 10 * 32 * 4
+    assert sizes[1] - sizes[0] == block_bytes  # block 0 was on disk before block 1 was made
+    assert sizes[2] - sizes[1] == block_bytes
+    assert isinstance(array, np.memmap)  # read back memory-mapped, not kept from the pass
+    expected = np.concatenate([features_array(i, rows=10) for i in range(3)])
+    np.testing.assert_array_equal(array, expected)
+
+
+def test_a_failed_pass_leaves_neither_entry_nor_temporary_file(store: FeatureStore) -> None:
+    def failing() -> Iterator[np.ndarray]:
+        yield features_array(0, rows=10)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        store.get_or_compute("k1", (30, 32), failing, {})
+    assert store.load("k1") is None
+    assert sorted(p.name for p in store.directory.iterdir()) == ["k1.lock"]
+
+
+def test_too_few_rows_are_refused_and_leave_no_entry(store: FeatureStore) -> None:
+    with pytest.raises(ValueError, match="wrote 10 rows"):
+        store.get_or_compute("k1", (30, 32), lambda: [features_array(0, rows=10)], {})
+    assert store.load("k1") is None
+    assert not list(store.directory.glob(".tmp-*"))
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_writer(
+    store: FeatureStore,
+) -> None:
+    store.directory.mkdir(parents=True)
+    stale = store.directory / ".tmp-k1-99999.npy"  # a writer of k1 killed mid-pass
+    stale.write_bytes(b"\x93NUMPY half an array")
+    other = store.directory / ".tmp-k2-99999.npy"  # another key's: not k1's writer's to touch
+    other.write_bytes(b"\x93NUMPY")
+    assert store.entries() == []  # never counted as an entry
+    put(store, "k1", Counter(features_array()), {})
+    assert not stale.exists()
+    assert other.exists()
+    assert [e.key for e in store.entries()] == ["k1"]
 
 
 def test_from_config(tmp_path: Path) -> None:
@@ -210,19 +273,19 @@ class _SignallingStore(FeatureStore):
 def _compete(directory, log, role, first_computing, release, at_lock, results) -> None:
     """One process: A computes (and holds the lock until released); B comes second."""
 
-    def compute() -> np.ndarray:
+    def compute() -> list[np.ndarray]:
         with Path(log).open("a") as handle:
             handle.write(f"{role}\n")
         if role == "A":
             first_computing.set()
             if not release.wait(120):
                 raise TimeoutError("never released")
-        return features_array(7)
+        return [features_array(7)]
 
     if role == "B" and not first_computing.wait(120):
         raise TimeoutError("A never started computing")
     store = _SignallingStore(Path(directory), at_lock)
-    array, hit = store.get_or_compute("shared", compute, {"role": role})
+    array, hit = store.get_or_compute("shared", (50, 32), compute, {"role": role})
     results.put((role, hit, float(np.asarray(array).sum())))
 
 
@@ -285,7 +348,7 @@ class SpyStore(FeatureStore):
         super().__init__(Path("never-written"), max_bytes=10**9, dtype=dtype)
         self.keys: dict[str, str] = {}
 
-    def get_or_compute(self, key, compute, description):
+    def get_or_compute(self, key, shape, compute, description):
         self.keys[description["split"]] = key
         return np.zeros((1, 1), "float32"), True
 
@@ -295,7 +358,7 @@ def fake_data(size: int = 32) -> ImageData:
 
     def split(n: int) -> Split:
         images = rng.integers(0, 256, (n, size, size, 3), dtype="uint8")
-        return Split(images, np.arange(n, dtype="int32") % 3)
+        return Split(images, np.arange(n, dtype="int32") % 3, size)
 
     fingerprints = {s: f"{s}-fingerprint" for s in ("train", "val", "test")}
     return ImageData(split(6), split(3), split(3), ("a", "b", "c"), "all", fingerprints)
@@ -409,7 +472,7 @@ def digits_model(make_shared_config):
 
 def test_head_on_features_equals_the_full_model(digits_model) -> None:
     _, model, data = digits_model
-    features = compute_features(feature_extractor(model), data.test, "test")
+    features = compute_features(feature_extractor(model), data.test, name="test")
     # Random ResNet50 features are large: an untrained head's softmax saturates (one class at
     # ~1.0 for every image), which would make the comparison blind. Scaled-down final weights
     # keep the probabilities image-dependent.
@@ -418,7 +481,7 @@ def test_head_on_features_equals_the_full_model(digits_model) -> None:
     last.kernel.assign(original * 2e-2)
     try:
         via_head = head_of(model).predict(features, verbose=0)
-        full = model.predict(data.test.images.astype("float32"), verbose=0)
+        full = model.predict(data.test.read().astype("float32"), verbose=0)
     finally:
         last.kernel.assign(original)
     assert features.shape == (len(data.test), 2048)

@@ -12,6 +12,8 @@ from tlsweep.config import Config
 from tlsweep.latency import measure_latency
 from tlsweep.model import build_classifier
 
+pytestmark = pytest.mark.backend  # runs on every Keras backend in CI
+
 
 def tiny_model() -> keras.Model:
     inputs = keras.Input((8, 8, 3), name="image")

@@ -20,6 +20,8 @@ from tlsweep.model import (
     unfreeze_top,
 )
 
+pytestmark = pytest.mark.backend  # runs on every Keras backend in CI
+
 NUM_CLASSES = 10
 FEATURES = 1280  # MobileNetV2's last feature map has 1280 channels at any alpha < 1
 

@@ -131,6 +131,7 @@ def test_run_without_config_is_a_user_error() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.backend  # determinism, per backend: the same config twice, identical metrics
 def test_reproduce_matches_exactly(tmp_path: Path) -> None:
     from tlsweep.experiment import run
 

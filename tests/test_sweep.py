@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,10 +149,15 @@ def test_grid_sampler_walks_the_whole_grid() -> None:
     assert seen == [(0.1, 8), (0.1, 16), (0.3, 8), (0.3, 16)]  # then the study stopped
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed")
-def test_gp_sampler_without_torch_is_a_user_error() -> None:
+def test_gp_sampler_without_torch_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if not installed: import fails
     with pytest.raises(UserError, match=r"sweep\.sampler=gp needs PyTorch"):
         make_sampler(SweepSettings(sampler="gp"), SPACE)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+def test_gp_sampler_with_torch() -> None:
+    assert isinstance(make_sampler(SweepSettings(sampler="gp"), SPACE), optuna.samplers.GPSampler)
 
 
 def test_make_pruner() -> None:
@@ -248,17 +254,18 @@ def test_trials_share_the_preloaded_data_unless_they_search_it(
 ) -> None:
     loads: list[tuple[str, int]] = []
 
-    def load_data(cfg, size: int) -> object:
-        loads.append((cfg.name, size))
+    def load_run_data(cfg) -> object:
+        loads.append((cfg.data.name, cfg.backbone.input_size))
         return object()
 
-    monkeypatch.setattr(_objective, "load_data", load_data)
+    monkeypatch.setattr(_objective, "load_run_data", load_run_data)
     spec = tiny_spec()
     base = _objective.trial_configs(spec).load()
     memo = _run.preload_data(spec, base)
-    memo.load(copy.deepcopy(base.data), base.backbone.input_size)  # an equal config: no load
+    memo.load(copy.deepcopy(base))  # an equal config: no load
+    memo.load(_objective.trial_configs(spec).load(["head.dense_units=7"]))  # nor a new head
     assert loads == [("digits", base.backbone.input_size)]
-    memo.load(base.data, base.backbone.input_size * 2)
+    memo.load(_objective.trial_configs(spec).load(["backbone.input_size=64"]))
     assert len(loads) == 2
     searching = tiny_spec(space={"backbone.input_size": "choice(32, 48)"})
     _run.preload_data(searching, base)

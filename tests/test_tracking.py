@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
+import keras
 import mlflow
 import numpy as np
 import pandas as pd
@@ -20,10 +21,12 @@ import pytest
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from tlsweep import experiment, tracking
+from tlsweep import backend, experiment, tracking
 from tlsweep.config import Config, TrackingConfig, flatten, to_config
 from tlsweep.data import load_data
 from tlsweep.experiment import RunResult
+
+pytestmark = pytest.mark.backend  # runs on every Keras backend in CI
 
 EPOCHS = 2
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
@@ -113,8 +116,12 @@ def test_params_hold_the_config_data_model_and_versions(tracked: Tracked) -> Non
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     assert params["model.trainable_params"] == str(trainable)
     assert params["model.total_params"] == str(model.count_params())
-    for package in ("tensorflow", "keras", "optuna", "mlflow"):
+    backend_packages = backend.PACKAGES[keras.backend.backend()]  # e.g. jax and jaxlib
+    for package in ("keras", *backend_packages, "optuna", "mlflow", "pillow"):
         assert params[f"version.{package}"] == metadata.version(package)
+    others = {p for ps in backend.PACKAGES.values() for p in ps} - set(backend_packages)
+    assert not {f"version.{p}" for p in others} & set(params)  # not another backend's
+    assert params["keras.backend"] == keras.backend.backend()
 
 
 def test_per_epoch_metrics(tracked: Tracked) -> None:

@@ -17,21 +17,23 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, log_loss
 
+from tlsweep.backend import configure_devices, seed_everything
 from tlsweep.config import Config
-from tlsweep.data import ImageData, batches, load_data
+from tlsweep.data import ImageData, load_data
 from tlsweep.features import Features
 from tlsweep.model import backbone_of, build_classifier
 from tlsweep.train import (
     KeepBestWeights,
     TrainResult,
     ValidationOnFeatures,
-    configure_devices,
+    predict_images,
     predict_small,
-    seed_everything,
     train,
     training_path,
     uses_feature_cache,
 )
+
+pytestmark = pytest.mark.backend  # runs on every Keras backend in CI
 
 SHARED = (
     "train.epochs=5",
@@ -193,7 +195,7 @@ def test_evaluation_matches_sklearn(trained: Trained, split: str) -> None:
     part = getattr(trained.data, split)
     names = trained.data.class_names
     n = len(names)
-    probabilities = trained.model.predict(batches(part, 64), verbose=0).astype("float64")
+    probabilities = predict_images(trained.model, part, 64).astype("float64")
     probabilities /= probabilities.sum(axis=1, keepdims=True)  # float32 rounding
     predicted = probabilities.argmax(axis=1)
     assert evaluation.confusion.shape == (n, n)

@@ -35,7 +35,7 @@ from tlsweep.sweep._storage import (
     retry_of,
     storage_url,
 )
-from tlsweep.sweep._workers import worker_command, worker_env
+from tlsweep.sweep._workers import worker_command, worker_env, worker_slots
 from tlsweep.sweepspec import SweepSettings
 
 TLSWEEP = [sys.executable, "-m", "tlsweep.cli"]
@@ -60,9 +60,19 @@ def test_each_gpu_worker_sees_only_its_gpu() -> None:
     assert worker_env(None, slot=0).get("CUDA_VISIBLE_DEVICES") == os.environ.get(
         "CUDA_VISIBLE_DEVICES"
     )
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env  # alone on its GPU
+    shared = worker_env("0", slot=2, sharing=2)  # --gpus 0,0,...: two workers on GPU 0
+    assert shared["CUDA_VISIBLE_DEVICES"] == "0"
+    assert float(shared["XLA_PYTHON_CLIENT_MEM_FRACTION"]) == pytest.approx(0.45)
 
 
-@pytest.mark.parametrize("gpus", ["0,x", "1,1", "-1"])
+def test_workers_listed_twice_share_their_gpu() -> None:
+    """``--gpus 0,0,1``: three workers, two of them told to share GPU 0's memory."""
+    assert worker_slots(3) == [(None, 1)] * 3
+    assert worker_slots(1, ["0", "0", "1"]) == [("0", 2), ("0", 2), ("1", 1)]
+
+
+@pytest.mark.parametrize("gpus", ["0,x", "1,,2", "-1"])
 def test_bad_gpu_lists_are_refused(gpus: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sweep", "quickstart", "--gpus", gpus]) == 2
     assert capsys.readouterr().err.strip().startswith(f"tlsweep: error: --gpus={gpus}")

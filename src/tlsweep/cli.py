@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from tlsweep.config import CONFIG_GROUPS, group_choices
-from tlsweep.errors import UserError
+from tlsweep import backend
+
+backend.prepare_process()
+
+from tlsweep.config import CONFIG_GROUPS, group_choices  # noqa: E402
+from tlsweep.errors import UserError  # noqa: E402
 
 KEY_REFERENCE = """\
 keys (override any with key=value):
@@ -111,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--gpus",
         metavar="LIST",
-        help="one worker per listed GPU, e.g. 0,1,3 (sets CUDA_VISIBLE_DEVICES)",
+        help="one worker per listed GPU, e.g. 0,1,3; list a GPU twice for two workers on it "
+        "(0,0,1,1); sets CUDA_VISIBLE_DEVICES and each worker's share of GPU memory",
     )
     sweep.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
@@ -187,7 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.cfg:
         print(to_yaml(cfg), end="")
         return 0
-    _import_tensorflow_quietly()
+    backend.import_quietly()
     from tlsweep.experiment import run
     from tlsweep.progress import EpochPrinter
     from tlsweep.tracking import tracking_uri
@@ -210,7 +215,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UserError(f"--workers={args.workers} is not allowed: must be >= 1")
     spec = load_sweep(args.name, args.overrides)  # bad input is refused before TF loads
-    _import_tensorflow_quietly()
+    backend.import_quietly()
     from tlsweep.sweep import run_sweep, run_worker, run_workers
 
     if args.worker:
@@ -227,13 +232,15 @@ def _gpu_list(text: str | None) -> list[str]:
     if not text:
         return []
     gpus = [part.strip() for part in text.split(",")]
-    if not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
-        raise UserError(f"--gpus={text} is not allowed: distinct GPU indices like 0,1,3")
+    if not all(g.isdigit() for g in gpus):
+        raise UserError(
+            f"--gpus={text} is not allowed: GPU indices like 0,1,3 (0,0,1,1: two workers each)"
+        )
     return gpus
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    _import_tensorflow_quietly()
+    backend.import_quietly()
     from tlsweep import report, sweep, tracking
 
     tracking.connect()
@@ -251,7 +258,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    _import_tensorflow_quietly()
+    backend.import_quietly()
     from tlsweep.reproduce import reproduce
 
     run_id = args.run_id
@@ -275,7 +282,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise UserError(f"--top={args.top} is not allowed: must be >= 1")
-    _import_tensorflow_quietly()
+    backend.import_quietly()
     from tlsweep import pages, report, tracking
 
     tracking.connect()
@@ -355,12 +362,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from tlsweep.config import load_config
 
     cfg = load_config(args.overrides)
-    _import_tensorflow_quietly()
+    backend.import_quietly()
     from tlsweep.features import FeatureStore
 
     store = FeatureStore.from_config(cfg.cache)
     if args.action == "clear":
-        print(f"removed {store.clear()} entries from {store.directory}")
+        removed = store.clear()
+        shutil.rmtree(cfg.cache.manifest_dir, ignore_errors=True)  # folder scans start afresh
+        print(f"removed {removed} entries from {store.directory}")
         return 0
     entries = store.entries() if store.directory.is_dir() else []
     total = sum(e.bytes for e in entries)
@@ -386,34 +395,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise UserError(f"--top-k={args.top_k} is not allowed: must be >= 1")
-    _import_tensorflow_quietly()
-    import keras
-
-    keras.utils.disable_interactive_logging()  # no progress bar inside pyfunc's predict
+    backend.import_quietly()
     model = load_model(args.model_uri)
     size = model.metadata.get_input_schema().inputs[0].shape[1]
     names = (model.metadata.metadata or {}).get("class_names")
-    probabilities = np.asarray(model.predict(read_images(args.images, size).astype("float32")))
+    images = read_images(args.images, size).astype("float32")
+    # The Keras model inside the pyfunc, asked for no progress bar (Keras' switch for it is
+    # per thread, and the JAX backend reports progress from another thread).
+    probabilities = np.asarray(model.get_raw_model().predict(images, verbose=0))
     for path, row in zip(args.images, probabilities, strict=True):
         top = np.argsort(row)[::-1][: args.top_k]
         shown = "  ".join(f"{names[i] if names else i} {row[i]:.3f}" for i in top)
         print(f"{path}: {shown}")
     return 0
-
-
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with file descriptor 2 closed: its C++ start-up lines (CUDA probing,
-    absl) bypass TF_CPP_MIN_LOG_LEVEL and would break one-line error messages."""
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try:
-        import tensorflow  # noqa: F401
-    except ImportError:  # another Keras backend without TensorFlow
-        pass
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
 
 
 def _command(

@@ -31,6 +31,7 @@ CUSTOM_ARCHITECTURE = "custom"  # backbone=custom: a saved .keras model or a Pyt
 CUSTOM_PREPROCESS_MODES = ("caffe", "tf", "torch", "none")
 CUSTOM_BACKBONE_KEYS = ("backbone.path", "backbone._target_", "backbone.cut_layer")
 FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical")
+DEFAULT_CACHE_DIR = Path("mlruns") / "feature_cache"
 
 
 @dataclass
@@ -136,6 +137,16 @@ class CacheConfig:
     dir: str | None = None  # null: mlruns/feature_cache
     max_gb: float = 20.0
     dtype: str = "float32"
+    batch_size: int | None = None  # the feature pass's; null: 64 on a CPU, 256 on a GPU
+
+    @property
+    def directory(self) -> Path:
+        """Where the feature cache (and the folder manifests, in ``manifests/``) live."""
+        return Path(self.dir).expanduser() if self.dir else DEFAULT_CACHE_DIR
+
+    @property
+    def manifest_dir(self) -> Path:
+        return self.directory / "manifests"
 
 
 @dataclass
@@ -278,6 +289,8 @@ def validate(cfg: Config) -> None:
     _validate_data(cfg.data)
     _require_choice("cache.dtype", cfg.cache.dtype, ("float32", "float16"))
     _require(cfg.cache.max_gb > 0, "cache.max_gb", cfg.cache.max_gb, "must be > 0")
+    batch = cfg.cache.batch_size
+    _require(batch is None or batch >= 1, "cache.batch_size", batch, "must be >= 1 or null")
     patience = cfg.train.early_stopping.patience
     _require(
         patience is None or patience >= 1,

@@ -1,24 +1,41 @@
-"""Data sources -> train/val/test images at the backbone's input size, class names, fingerprint.
+"""Data sources -> train/val/test splits read on demand, class names, fingerprint.
 
-Every source ends as uint8 arrays of shape (N, S, S, 3) decoded and resized by a parallel
-``tf.data`` pipeline; training batches are served by ``batches`` (shuffle, batch, prefetch).
-TensorFlow is used here only, for the input pipeline; the model code is plain Keras.
+A split holds labels and a way to read any of its images, decoded and resized to the
+backbone's input size only when asked (`Split.read`): image folders stay on disk and are
+streamed in batches, so memory does not grow with the number of images. The in-memory sources
+(digits, ``keras.datasets``) keep their source-resolution arrays and resize per batch.
+
+Decoding and resizing use Pillow in a thread pool (its decoders release the GIL), with no
+TensorFlow: the same pixels on every Keras backend. Folder scans remember each file's content
+hash in a manifest keyed on path, size and modification time, so an unchanged folder is not
+read again to fingerprint it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
+import json
+import os
+import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL
+from PIL import Image, UnidentifiedImageError
 
-from tlsweep.config import DataConfig
+from tlsweep.config import Config, DataConfig
 from tlsweep.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+# How files become pixels (decoder, resampling): part of the feature cache's key.
+RENDERING = f"pillow-{PIL.__version__}-bilinear"
+MANIFEST_VERSION = 1
 KERAS_CLASS_NAMES = {
     "cifar10": (
         "airplane",
@@ -47,18 +64,44 @@ KERAS_CLASS_NAMES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Split:
-    """Images as uint8 (N, S, S, 3) raw RGB pixels and integer labels (N,)."""
+    """Integer labels (N,) and the images behind them, read at ``size`` x ``size`` on demand.
 
-    images: np.ndarray
+    ``items`` holds either source images in memory, uint8 (N, h, w[, c]), or image file
+    paths (a string array): `read` decodes and resizes only the images asked for.
+    """
+
+    items: np.ndarray
     labels: np.ndarray
+    size: int
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def from_files(self) -> bool:
+        return self.items.dtype.kind in "UO"
 
-@dataclass(frozen=True)
+    def read(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """uint8 (n, size, size, 3) RGB pixels of the images at ``indices`` (None: all)."""
+        chosen = self.items if indices is None else self.items[np.asarray(indices, "int64")]
+        out = np.empty((len(chosen), self.size, self.size, 3), dtype="uint8")
+        if len(chosen) == 0:
+            return out
+        if not self.from_files and chosen.shape[1:] == (self.size, self.size, 3):
+            out[:] = chosen
+            return out
+        render = _render_file if self.from_files else _render_array
+
+        def fill(i: int) -> None:
+            out[i] = render(chosen[i], self.size)
+
+        list(_pool().map(fill, range(len(chosen))))
+        return out
+
+
+@dataclass(frozen=True, eq=False)
 class ImageData:
     """The three splits, the class names and a fingerprint of exactly what was used."""
 
@@ -86,14 +129,23 @@ class _Source:
     labels: dict[str, np.ndarray]
     class_names: tuple[str, ...]
     root: Path | None = None  # set for file sources
+    digests: dict[str, bytes] | None = None  # file path -> SHA-256 of its bytes (file sources)
 
 
-def load_data(cfg: DataConfig, input_size: int) -> ImageData:
-    """Load the configured source and render every split at ``input_size``."""
+def load_data(cfg: DataConfig, input_size: int, manifest_dir: Path | None = None) -> ImageData:
+    """The configured source's splits, read at ``input_size`` on demand.
+
+    ``manifest_dir``: where folder scans keep their manifests (None: hash every file again).
+    Files that are not images are refused here, naming the file.
+    """
     loaders = {"digits": _digits_source, "keras": _keras_source, "folder": _folder_source}
-    source = _select_classes(loaders[cfg.source](cfg), cfg.classes)
+    if cfg.source == "folder":
+        source = _folder_source(cfg, manifest_dir)
+    else:
+        source = loaders[cfg.source](cfg)
+    source = _select_classes(source, cfg.classes)
     splits = {
-        name: Split(_render(source, name, input_size), source.labels[name].astype("int32"))
+        name: Split(source.items[name], source.labels[name].astype("int32"), input_size)
         for name in ("train", "val", "test")
     }
     fingerprints = {name: _fingerprint(source, name) for name in splits}
@@ -108,17 +160,19 @@ def load_data(cfg: DataConfig, input_size: int) -> ImageData:
     )
 
 
-def batches(split: Split, batch_size: int, *, shuffle: bool = False, seed: int = 0):
-    """A ``tf.data.Dataset`` of (float32 images, labels) batches, prefetched."""
-    import tensorflow as tf
+def load_run_data(cfg: Config) -> ImageData:
+    """The data a run of ``cfg`` trains on: its source at the backbone's input size, with the
+    folder manifests kept beside the feature cache."""
+    return load_data(cfg.data, cfg.backbone.input_size, cfg.cache.manifest_dir)
 
-    ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
-    if shuffle:
-        ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(
-        lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE
-    )
-    return ds.prefetch(tf.data.AUTOTUNE)
+
+def read_images(paths: Sequence[str], size: int) -> np.ndarray:
+    """Image files as uint8 (N, size, size, 3), decoded and resized as in training."""
+    missing = [p for p in paths if not Path(p).expanduser().is_file()]
+    if missing:
+        raise UserError(f"no such image file: {missing[0]}")
+    files = np.array([str(Path(p).expanduser()) for p in paths])
+    return Split(files, np.zeros(len(files), "int32"), size).read()
 
 
 # --- sources -------------------------------------------------------------------------------
@@ -164,7 +218,7 @@ def _keras_source(cfg: DataConfig) -> _Source:
     )
 
 
-def _folder_source(cfg: DataConfig) -> _Source:
+def _folder_source(cfg: DataConfig, manifest_dir: Path | None = None) -> _Source:
     root = Path(str(cfg.path)).expanduser()
     if not root.is_dir():
         raise UserError(f"data.path={cfg.path}: no such directory")
@@ -173,14 +227,17 @@ def _folder_source(cfg: DataConfig) -> _Source:
         files, labels, names = _scan_classes(root)
         idx = dict(zip(("train", "val", "test"), _stratified_split(labels, cfg), strict=True))
         items = {split: files[i] for split, i in idx.items()}
-        return _Source(items, {s: labels[i] for s, i in idx.items()}, names, root)
-    files, labels, names = _scan_classes(split_roots["train"])
-    items, labelled = {"train": files}, {"train": labels}
-    for split in ("val", "test"):
-        if split_roots[split] is not None:
-            items[split], labelled[split] = _scan_classes(split_roots[split], names)[:2]
-    _carve_missing_splits(items, labelled, cfg)
-    return _Source(items, labelled, names, root)
+        labelled = {s: labels[i] for s, i in idx.items()}
+    else:
+        files, labels, names = _scan_classes(split_roots["train"])
+        items, labelled = {"train": files}, {"train": labels}
+        for split in ("val", "test"):
+            if split_roots[split] is not None:
+                items[split], labelled[split] = _scan_classes(split_roots[split], names)[:2]
+        _carve_missing_splits(items, labelled, cfg)
+    used = np.concatenate(list(items.values()))
+    digests = FolderManifest(root, manifest_dir).digests(used)
+    return _Source(items, labelled, names, root, digests)
 
 
 def _find_split_dir(root: Path, split: str) -> Path | None:
@@ -200,7 +257,7 @@ def _scan_classes(
     files, labels = [], []
     for class_dir in class_dirs:
         images = sorted(
-            p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
         )
         if not images:
             raise UserError(f"class folder {class_dir} has no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -225,6 +282,87 @@ def _carve_missing_splits(
             items["train"][: cfg.train_limit],
             labels["train"][: cfg.train_limit],
         )
+
+
+# --- the folder manifest -------------------------------------------------------------------
+
+
+class FolderManifest:
+    """Content hashes of a folder's image files, remembered by (path, size, mtime).
+
+    Stored as JSON in ``directory`` (one file per folder, written atomically; concurrent
+    writers each write a complete, correct manifest). A file whose size or modification time
+    changed is read and hashed again; a new file is also checked to be an image Pillow can
+    open, so a stray text file is refused before anything trains.
+    """
+
+    def __init__(self, root: Path, directory: Path | None) -> None:
+        self.root = root.absolute()
+        self.path = None
+        if directory is not None:
+            name = hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
+            self.path = directory / f"{name}.json"
+
+    def digests(self, files: np.ndarray) -> dict[str, bytes]:
+        """SHA-256 digest of each file's bytes, from the manifest when unchanged."""
+        known = self._load()
+        stats = {str(f): Path(f).stat() for f in files}
+        entries: dict[str, list] = {}
+        fresh = []
+        for name, st in stats.items():
+            entry = known.get(self._relative(name))
+            if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+                entries[name] = entry
+            else:
+                fresh.append(name)
+        for name, digest in zip(fresh, _pool().map(_checked_digest, fresh), strict=True):
+            st = stats[name]
+            entries[name] = [st.st_size, st.st_mtime_ns, digest]
+        if fresh:
+            self._save(known | {self._relative(n): e for n, e in entries.items()})
+        return {name: bytes.fromhex(entry[2]) for name, entry in entries.items()}
+
+    def _relative(self, path: str) -> str:
+        return os.path.relpath(path, self.root)
+
+    def _load(self) -> dict[str, list]:
+        if self.path is None:
+            return {}
+        try:
+            document = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if document.get("version") != MANIFEST_VERSION or document.get("root") != str(self.root):
+            return {}
+        return dict(document.get("files", {}))
+
+    def _save(self, files: dict[str, list]) -> None:
+        if self.path is None:
+            return
+        document = {"version": MANIFEST_VERSION, "root": str(self.root), "files": files}
+        temporary = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(
+                "w", dir=self.path.parent, prefix=".tmp-", suffix=".json", delete=False
+            ) as handle:
+                temporary = Path(handle.name)
+                json.dump(document, handle)
+            temporary.replace(self.path)
+        except OSError:  # a read-only or full disk: the manifest is only a shortcut
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)
+
+
+def _checked_digest(path: str) -> str:
+    """SHA-256 of the file's bytes, once Pillow has recognised them as an image."""
+    data = Path(path).read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"cannot read image {path}: {_reason(exc)}") from None
+    return hashlib.sha256(data).hexdigest()
 
 
 # --- splitting and selection ----------------------------------------------------------------
@@ -282,66 +420,52 @@ def _select_classes(source: _Source, keep: Sequence[str] | None) -> _Source:
         items[split], labels[split], new_names = _keep_classes(
             source.items[split], source.labels[split], names, keep
         )
-    return _Source(items, labels, new_names, source.root)
+    return _Source(items, labels, new_names, source.root, source.digests)
 
 
 # --- decoding and resizing --------------------------------------------------------------------
 
 
-def _render(source: _Source, split: str, size: int) -> np.ndarray:
-    """Decode (files) and resize to (N, size, size, 3) uint8, in parallel with tf.data."""
-    import tensorflow as tf
-
-    items = source.items[split]
-    if len(items) == 0:
-        return np.zeros((0, size, size, 3), dtype="uint8")
-    if source.root is None:
-        ds = tf.data.Dataset.from_tensor_slices(items).map(
-            lambda img: _to_rgb_uint8(img, size), num_parallel_calls=tf.data.AUTOTUNE
-        )
-    else:
-        ds = tf.data.Dataset.from_tensor_slices(items).map(
-            lambda path: _to_rgb_uint8(_decode(tf.io.read_file(path)), size),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
+def _render_file(path: str, size: int) -> np.ndarray:
+    """A file decoded to RGB and resized to (size, size, 3) uint8; a bad file is named."""
     try:
-        return np.concatenate(list(ds.batch(256).prefetch(2).as_numpy_iterator()))
-    except tf.errors.InvalidArgumentError:
-        raise UserError(_name_unreadable(items)) from None
+        with Image.open(path) as image:
+            image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when large
+            return _resized(image, size)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"cannot read image {path}: {_reason(exc)}") from None
 
 
-def _decode(data):
-    import tensorflow as tf
-
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image
-
-
-def _to_rgb_uint8(image, size: int):
-    import tensorflow as tf
-
-    if image.shape.rank == 2:
-        image = image[..., tf.newaxis]
-    if image.shape[-1] == 1:
-        image = tf.image.grayscale_to_rgb(image)
-    if tuple(image.shape[:2]) == (size, size):
-        return tf.cast(image, tf.uint8)
-    resized = tf.image.resize(image, (size, size), method="bilinear")
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+def _render_array(image: np.ndarray, size: int) -> np.ndarray:
+    """An in-memory uint8 image (h, w), (h, w, 1) or (h, w, 3) as (size, size, 3)."""
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    return _resized(Image.fromarray(np.ascontiguousarray(image)), size)
 
 
-def _name_unreadable(paths: np.ndarray) -> str:
-    """Find the first file TensorFlow cannot decode (only called once decoding has failed)."""
-    import tensorflow as tf
+def _resized(image: Image.Image, size: int) -> np.ndarray:
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype="uint8")
 
-    for path in paths:
-        try:
-            _decode(tf.io.read_file(str(path)))
-        except tf.errors.InvalidArgumentError as exc:
-            reason = str(exc).splitlines()[0][:120]
-            return f"cannot read image {path}: {reason}"
-    return "cannot decode one of the images"
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """Threads that decode, resize and hash images (Pillow and hashlib release the GIL)."""
+    return ThreadPoolExecutor(max_workers=max(2, _cpu_count()), thread_name_prefix="tlsweep-io")
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:160]
 
 
 # --- fingerprint --------------------------------------------------------------------------------
@@ -356,17 +480,8 @@ def _fingerprint(source: _Source, split: str) -> str:
         digest.update(str(items.shape).encode())
         digest.update(np.ascontiguousarray(items).tobytes())
     else:
+        assert source.digests is not None
         for path in items:
             digest.update(str(Path(path).relative_to(source.root)).encode())
-            digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+            digest.update(source.digests[str(path)])
     return digest.hexdigest()[:16]
-
-
-def read_images(paths: Sequence[str], size: int) -> np.ndarray:
-    """Image files as uint8 (N, size, size, 3), decoded and resized as in training."""
-    missing = [p for p in paths if not Path(p).expanduser().is_file()]
-    if missing:
-        raise UserError(f"no such image file: {missing[0]}")
-    files = np.array([str(Path(p).expanduser()) for p in paths])
-    source = _Source({"input": files}, {"input": np.zeros(len(files))}, (), root=Path("/"))
-    return _render(source, "input", size)

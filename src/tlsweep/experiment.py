@@ -16,20 +16,14 @@ import yaml
 
 from tlsweep import tracking
 from tlsweep.backbones import BackboneCache
-from tlsweep.config import Config, DataConfig, to_config
-from tlsweep.data import ImageData, load_data
+from tlsweep.backend import configure_devices, seed_everything
+from tlsweep.config import Config, to_config
+from tlsweep.data import ImageData, load_run_data
 from tlsweep.features import cached_features
 from tlsweep.model import build_classifier, build_trunk, head_of, parameter_counts
-from tlsweep.train import (
-    TrainResult,
-    configure_devices,
-    seed_everything,
-    train,
-    training_path,
-    uses_feature_cache,
-)
+from tlsweep.train import TrainResult, train, training_path, uses_feature_cache
 
-DataLoader = Callable[[DataConfig, int], ImageData]
+DataLoader = Callable[[Config], ImageData]
 ModelPolicy = bool | Callable[[TrainResult], bool] | None
 WEIGHTS_DIGEST_PARAM = "backbone.weights_sha256"
 TRAIN_PATH_PARAM = "train.path"  # cached_features | end_to_end (the head stage's path)
@@ -53,7 +47,7 @@ class RunResult:
 
 
 def prepare(
-    cfg: Config, load: DataLoader = load_data, backbones: BackboneCache | None = None
+    cfg: Config, load: DataLoader = load_run_data, backbones: BackboneCache | None = None
 ) -> Prepared:
     """Fresh Keras state, seeds, devices, data and the model: the same sequence every time, so
     that a run repeats exactly, whether its backbone is built anew or reused from ``backbones``
@@ -66,7 +60,7 @@ def prepare(
     keras.backend.clear_session(free_memory=not reusing)
     seed_everything(cfg.seed, cfg.train.deterministic)
     device = configure_devices(cfg.train.mixed_precision)
-    data = load(cfg.data, cfg.backbone.input_size)
+    data = load(cfg)
     backbones = backbones or BackboneCache(capacity=0)
     backbone, digest = backbones.get(cfg.backbone, cfg.seed)
     trunk = backbones.derived(

@@ -4,12 +4,16 @@ While the backbone is frozen (and no random augmentation runs), its pooled outpu
 image never changes, so the head can train on stored features instead of images. The key
 covers everything that changes those outputs: architecture and constructor options, the
 backbone's actual weights (a content hash: ImageNet, a seeded random init or a weights file
-alike), input size, preprocessing, pooling, the split's data fingerprint, the dtype and the
-Keras version and backend. Nothing else is in it, so unrelated changes reuse the entry.
+alike), input size, preprocessing, pooling, how images are decoded, the feature pass's batch
+size, the split's data fingerprint, the dtype and the Keras version and backend. Nothing else
+is in it, so unrelated changes reuse the entry.
 
-Entries are ``KEY.npy`` plus ``KEY.json`` (shape, dtype, checksum, description), written to
-temporary files and renamed into place; a per-key file lock makes a second process wait for
-the first one's pass and then reuse it. A truncated or corrupt entry fails its checksum and is
+The feature pass streams the split's images through the extractor a batch at a time (the next
+batches are read in background threads), and each batch's features are appended to the
+entry's file as they come: memory holds a few batches, never the split. Entries are
+``KEY.npy`` plus ``KEY.json`` (shape, dtype, checksum, description), written to temporary
+files and renamed into place; a per-key file lock makes a second process wait for the first
+one's pass and then reuse it. A truncated or corrupt entry fails its checksum and is
 recomputed. Reads are memory-mapped; a size budget evicts the least recently used entries.
 """
 
@@ -18,11 +22,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,14 +34,17 @@ from typing import Any
 import keras
 import numpy as np
 
+from tlsweep import backend
 from tlsweep.backbones import custom_source_identity, preprocess_mode, weights_digest
 from tlsweep.config import CacheConfig, Config
-from tlsweep.data import ImageData, Split, batches
+from tlsweep.data import RENDERING, ImageData, Split
 from tlsweep.model import backbone_of, feature_extractor
+from tlsweep.pipeline import ImageBatches
 
 SPLITS = ("train", "val", "test")
-FEATURE_BATCH = 64  # fixed, so the stored values never depend on a trial's batch size
-DEFAULT_DIR = Path("mlruns") / "feature_cache"
+# The feature pass's batch size when cache.batch_size is null; fixed (not a trial's batch
+# size) so that stored values never depend on the trial that computed them.
+CPU_FEATURE_BATCH, GPU_FEATURE_BATCH = 64, 256
 
 
 @dataclass(frozen=True)
@@ -68,13 +75,18 @@ class FeatureStore:
 
     @classmethod
     def from_config(cls, cfg: CacheConfig) -> FeatureStore:
-        directory = Path(cfg.dir).expanduser() if cfg.dir else DEFAULT_DIR
-        return cls(directory.resolve(), int(cfg.max_gb * 1e9), cfg.dtype)
+        return cls(cfg.directory.resolve(), int(cfg.max_gb * 1e9), cfg.dtype)
 
     def get_or_compute(
-        self, key: str, compute: Callable[[], np.ndarray], description: dict[str, Any]
+        self,
+        key: str,
+        shape: tuple[int, ...],
+        compute: Callable[[], Iterable[np.ndarray]],
+        description: dict[str, Any],
     ) -> tuple[np.ndarray, bool]:
-        """The stored array for ``key`` (True), or ``compute()``'s result, stored (False)."""
+        """The stored array for ``key`` (True), or the array of ``shape`` whose rows
+        ``compute()`` yields in blocks, written as they come and stored (False). Either way
+        the array is memory-mapped from the store."""
         self.directory.mkdir(parents=True, exist_ok=True)
         stored = self.load(key)
         if stored is not None:
@@ -83,10 +95,12 @@ class FeatureStore:
             stored = self.load(key)  # another process may have finished meanwhile
             if stored is not None:
                 return stored, True
-            array = np.ascontiguousarray(compute(), dtype=self.dtype)
-            self._write(key, array, description)
+            self._write(key, shape, compute(), description)
         self.evict(keep=key)
-        return array, False
+        written = self.load(key)
+        if written is None:  # removed meanwhile (a concurrent clear): compute it again
+            return self.get_or_compute(key, shape, compute, description)
+        return written, False
 
     def load(self, key: str) -> np.ndarray | None:
         """The memory-mapped array, or None when absent, truncated or corrupt."""
@@ -145,27 +159,47 @@ class FeatureStore:
             stray.unlink(missing_ok=True)
         return len(keys)
 
-    def _write(self, key: str, array: np.ndarray, description: dict[str, Any]) -> None:
+    def _write(
+        self,
+        key: str,
+        shape: tuple[int, ...],
+        blocks: Iterable[np.ndarray],
+        description: dict[str, Any],
+    ) -> None:
+        """Append ``blocks`` to a temporary ``.npy`` file, then rename it and its metadata
+        into place. Hold the key's lock. A failure (a full disk, an interrupt) removes the
+        temporary file and leaves no entry; so does a process killed here, at its next write
+        of the key: temporary files of a key belong to whoever holds its lock."""
         meta_path, data_path = self._paths(key)
-        with tempfile.NamedTemporaryFile(
-            dir=self.directory, prefix=".tmp-", suffix=".npy", delete=False
-        ) as tmp:
-            np.save(tmp, array)
-        Path(tmp.name).replace(data_path)
+        for stale in self.directory.glob(f".tmp-{key}-*"):
+            stale.unlink(missing_ok=True)
+        temporary = self.directory / f".tmp-{key}-{os.getpid()}.npy"
+        try:
+            writer = _ArrayWriter(temporary, shape, self.dtype)
+            with writer:
+                for block in blocks:
+                    writer.append(block)
+            temporary.replace(data_path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
         meta = {
             "key": key,
-            "bytes": data_path.stat().st_size,
-            "sha256": _sha256(data_path),
-            "shape": list(array.shape),
-            "dtype": str(array.dtype),
+            "bytes": writer.bytes,
+            "sha256": writer.sha256,
+            "shape": list(shape),
+            "dtype": str(self.dtype),
             "created": time.time(),
             "description": description,
         }
-        with tempfile.NamedTemporaryFile(
-            "w", dir=self.directory, prefix=".tmp-", suffix=".json", delete=False
-        ) as tmp:
-            json.dump(meta, tmp)
-        Path(tmp.name).replace(meta_path)
+        meta_temporary = self.directory / f".tmp-{key}-{os.getpid()}.json"
+        try:
+            meta_temporary.write_text(json.dumps(meta))
+            meta_temporary.replace(meta_path)
+        except BaseException:
+            meta_temporary.unlink(missing_ok=True)
+            raise
+        _remember_verified(data_path, meta)
 
     def _stored(self, suffix: str) -> list[Path]:
         """Entry files with ``suffix``; half-written ``.tmp-*`` files are no entries."""
@@ -198,6 +232,7 @@ def cached_features(
     store = store or FeatureStore.from_config(cfg.cache)
     extractor = feature_extractor(model)
     identity = extractor_identity(cfg, model, store.dtype, weights_sha256)
+    batch_size = identity["batch_size"]
     arrays, hits = {}, []
     for split in SPLITS:
         part: Split = getattr(data, split)
@@ -206,11 +241,19 @@ def cached_features(
         description = {**fields, "n": len(part), "backbone": cfg.backbone.name}
         arrays[split], hit = store.get_or_compute(
             key,
-            lambda part=part, split=split: compute_features(extractor, part, split),
+            (len(part), *extractor.output_shape[1:]),
+            lambda part=part, split=split: feature_blocks(extractor, part, batch_size, split),
             description,
         )
         hits.append(hit)
     return Features(**arrays, status="hit" if all(hits) else "miss")
+
+
+def feature_batch_size(cfg: CacheConfig) -> int:
+    """``cache.batch_size``, or by default 64 images per batch on a CPU and 256 on a GPU."""
+    if cfg.batch_size is not None:
+        return cfg.batch_size
+    return GPU_FEATURE_BATCH if backend.device_kind() == "gpu" else CPU_FEATURE_BATCH
 
 
 def extractor_identity(
@@ -229,6 +272,8 @@ def extractor_identity(
         "input_size": bb.input_size,
         "preprocess": preprocess_mode(bb),
         "pooling": cfg.head.pooling,
+        "rendering": RENDERING,
+        "batch_size": feature_batch_size(cfg.cache),
         "dtype": str(dtype),
         "compute_dtype": keras.mixed_precision.global_policy().compute_dtype,
         "keras": keras.__version__,
@@ -239,56 +284,104 @@ def extractor_identity(
     return identity
 
 
-def compute_features(extractor: keras.Model, split: Split, name: str = "") -> np.ndarray:
-    """One fast pass (``predict`` on batched, prefetched data) with a progress bar."""
-    if len(split) == 0:
+def compute_features(
+    extractor: keras.Model, split: Split, batch_size: int = CPU_FEATURE_BATCH, name: str = ""
+) -> np.ndarray:
+    """The features of a whole split in memory (a small one: the cache streams instead)."""
+    blocks = list(feature_blocks(extractor, split, batch_size, name))
+    if not blocks:
         return np.zeros((0, *extractor.output_shape[1:]), dtype="float32")
-    bar = _ProgressBar(f"features {name}", -(-len(split) // FEATURE_BATCH))
-    with bar:
-        return np.asarray(
-            extractor.predict(batches(split, FEATURE_BATCH), verbose=0, callbacks=[bar.callback])
+    return np.concatenate(blocks)
+
+
+def feature_blocks(
+    extractor: keras.Model, split: Split, batch_size: int, name: str = ""
+) -> Iterator[np.ndarray]:
+    """The extractor's outputs, batch by batch, as the split's images stream from disk.
+
+    Every call has the same batch shape (the last batch is padded, and the padding's outputs
+    dropped): a backend that compiles per input shape (JAX, XLA) compiles once, and no image's
+    features depend on how many images the split has.
+    """
+    batches = ImageBatches(split, batch_size)  # the next batches are read meanwhile
+    with _progress(f"features {name}", len(batches)) as advance:
+        for index in range(len(batches)):
+            images, _ = batches[index]
+            n = len(images)
+            if n < batch_size:
+                images = np.concatenate(
+                    [images, np.zeros((batch_size - n, *images.shape[1:]), images.dtype)]
+                )
+            outputs = keras.ops.convert_to_numpy(extractor.predict_on_batch(images))
+            yield np.asarray(outputs[:n], dtype="float32")
+            advance()
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: int) -> Iterator[Callable[[], None]]:
+    """A rich progress bar (transient; quiet when not a terminal); yields its step function."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console()
+    progress = Progress(transient=True, console=console, disable=not console.is_terminal)
+    task = progress.add_task(label, total=total)
+    with progress:
+        yield lambda: progress.advance(task)
+
+
+class _ArrayWriter:
+    """Writes an ``.npy`` file of known shape block by block, hashing the bytes as they go:
+    no block is kept, and the checksum needs no second read. A full disk raises ``OSError``
+    (a memory map would crash the process with SIGBUS instead)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path = path
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = np.dtype(dtype)
+        self.rows = 0
+        self.bytes = 0
+        self._digest = hashlib.sha256()
+        self._handle = path.open("wb", buffering=0)  # each block reaches the file at once
+        header = io.BytesIO()
+        np.lib.format.write_array_header_2_0(
+            header,
+            {
+                "descr": np.lib.format.dtype_to_descr(self.dtype),
+                "fortran_order": False,
+                "shape": self.shape,
+            },
         )
+        self._emit(header.getvalue())
 
+    def append(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        if block.shape[1:] != self.shape[1:] or self.rows + len(block) > self.shape[0]:
+            raise ValueError(f"block {block.shape} does not fit an array of shape {self.shape}")
+        self._emit(block.tobytes())
+        self.rows += len(block)
 
-def feature_batches(
-    features: np.ndarray,
-    labels: np.ndarray,
-    batch_size: int,
-    *,
-    shuffle: bool = False,
-    seed: int = 0,
-):
-    """A ``tf.data.Dataset`` of (float32 features, labels) batches, like `data.batches`."""
-    import tensorflow as tf
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
 
-    ds = tf.data.Dataset.from_tensor_slices((np.asarray(features, "float32"), labels))
-    if shuffle:
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    def _emit(self, data: bytes) -> None:
+        self._handle.write(data)
+        self._digest.update(data)
+        self.bytes += len(data)
 
-
-class _ProgressBar:
-    """A rich progress bar driven by ``predict``'s batch callbacks (quiet when not a TTY)."""
-
-    def __init__(self, label: str, total: int) -> None:
-        from rich.progress import Progress
-
-        self.progress = Progress(transient=True)
-        self.task = self.progress.add_task(label, total=total)
-        progress, task = self.progress, self.task
-
-        class _Callback(keras.callbacks.Callback):
-            def on_predict_batch_end(self, batch: int, logs: dict | None = None) -> None:
-                progress.update(task, completed=batch + 1)
-
-        self.callback = _Callback()
-
-    def __enter__(self) -> _ProgressBar:
-        self.progress.start()
+    def __enter__(self) -> _ArrayWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+    def __exit__(self, kind: object, *rest: object) -> None:
+        try:
+            if kind is None:
+                if self.rows != self.shape[0]:
+                    raise ValueError(f"wrote {self.rows} rows of an array of shape {self.shape}")
+                self._handle.flush()
+                os.fsync(self._handle.fileno())
+        finally:
+            self._handle.close()
 
 
 # Files this process has hashed already, by (path, size, mtime, inode): a sweep reads the same
@@ -296,12 +389,21 @@ class _ProgressBar:
 _VERIFIED: set[tuple[str, int, int, int, str]] = set()
 
 
+def _identity(path: Path, sha256: str) -> tuple[str, int, int, int, str]:
+    stat = path.stat()
+    return (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, sha256)
+
+
+def _remember_verified(path: Path, meta: Mapping[str, Any]) -> None:
+    """A file this process just wrote, with the checksum it computed while writing."""
+    _VERIFIED.add(_identity(path, meta["sha256"]))
+
+
 def _verified(path: Path, meta: Mapping[str, Any]) -> bool:
     """Whether ``path`` holds exactly the bytes ``meta`` describes (hashed once per process)."""
-    stat = path.stat()
-    if stat.st_size != meta["bytes"]:
+    if path.stat().st_size != meta["bytes"]:
         return False
-    identity = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, meta["sha256"])
+    identity = _identity(path, meta["sha256"])
     if identity in _VERIFIED:
         return True
     if _sha256(path) != meta["sha256"]:

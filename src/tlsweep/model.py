@@ -125,7 +125,7 @@ def head_of(model: keras.Model) -> keras.Model:
 
 def feature_extractor(model: keras.Model) -> keras.Model:
     """Raw pixels -> pooled features: the classifier's frozen part (shares its weights)."""
-    return keras.Model(model.inputs, model.get_layer(POOL_LAYER).output, name="features")
+    return keras.Model(model.input, model.get_layer(POOL_LAYER).output, name="features")
 
 
 def backbone_of(model: keras.Model) -> keras.Model:

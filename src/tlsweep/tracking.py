@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from tlsweep import backend
 from tlsweep.config import Config, TrackingConfig, flatten, to_yaml
 from tlsweep.data import ImageData
 from tlsweep.errors import UserError
@@ -39,7 +40,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 DEFAULT_STORE_DIR = Path("mlruns")
-VERSIONED_PACKAGES = ("tensorflow", "keras", "optuna", "mlflow", "numpy", "tlsweep")
+VERSIONED_PACKAGES = ("keras", "optuna", "mlflow", "numpy", "pillow", "tlsweep")  # + backend
 MAX_PARAM_LENGTH = 6000
 MODEL_URI_TAG = "tlsweep.model_uri"
 HEAD_WEIGHTS = "head/head.weights.h5"
@@ -273,9 +274,9 @@ def load_model(model_uri: str) -> Any:
 
 
 def package_versions() -> dict[str, str]:
-    """Installed versions of the packages a run depends on."""
+    """Installed versions of the packages a run depends on, the Keras backend's included."""
     versions = {"python": sys.version.split()[0]}
-    for name in VERSIONED_PACKAGES:
+    for name in (*VERSIONED_PACKAGES, *backend.PACKAGES[_keras_backend()]):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -285,13 +286,7 @@ def package_versions() -> dict[str, str]:
 
 def model_requirements() -> list[str]:
     """Pinned pip requirements of a logged Keras model (skips MLflow's slow inference)."""
-    backend = _keras_backend()
-    backend_package = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[backend]
-    return [
-        f"keras=={metadata.version('keras')}",
-        f"{backend_package}=={metadata.version(backend_package)}",
-        f"numpy=={metadata.version('numpy')}",
-    ]
+    return backend.model_requirements(package_versions())
 
 
 def _keras_backend() -> str:

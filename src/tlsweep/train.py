@@ -11,9 +11,6 @@ the classifier shares its weights and is what is evaluated and returned.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,9 +19,10 @@ import keras
 import numpy as np
 import pandas as pd
 
+from tlsweep import backend
 from tlsweep.config import Config, TrainConfig
-from tlsweep.data import ImageData, batches
-from tlsweep.features import Features, feature_batches
+from tlsweep.data import ImageData, Split
+from tlsweep.features import Features
 from tlsweep.model import (
     compile_classifier,
     head_of,
@@ -33,6 +31,7 @@ from tlsweep.model import (
     training_model,
     unfreeze_top,
 )
+from tlsweep.pipeline import FeatureBatches, ImageBatches, Reshuffle, reading
 
 HEAD_STEPS_PER_EXECUTION = 32  # on cached features: the same updates, less per-step overhead
 CACHED_FEATURES, END_TO_END = "cached_features", "end_to_end"  # the head stage's path
@@ -81,31 +80,6 @@ class TrainResult:
         return out
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy and the Keras backend; optionally make TensorFlow ops deterministic."""
-    os.environ["PYTHONHASHSEED"] = str(seed)
-    random.seed(seed)
-    keras.utils.set_random_seed(seed)
-    if deterministic and keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
-
-
-def configure_devices(mixed_precision: bool) -> str:
-    """Memory growth on every GPU; mixed precision where a GPU exists. Returns the device kind."""
-    gpus = _gpus()
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        for gpu in tf.config.list_physical_devices("GPU"):
-            with contextlib.suppress(RuntimeError):  # already set up by an earlier run
-                tf.config.experimental.set_memory_growth(gpu, True)
-    policy = "mixed_float16" if mixed_precision and gpus else "float32"
-    keras.mixed_precision.set_global_policy(policy)
-    return "gpu" if gpus else "cpu"
-
-
 def uses_feature_cache(cfg: Config) -> bool:
     """Whether the head stage can train on cached features: the cache is on and no random
     augmentation changes the frozen backbone's input (an augmenting run trains end to end)."""
@@ -144,8 +118,7 @@ def train(
         predicted = dict(zip(splits, np.split(probabilities, [len(data.val)]), strict=True))
     else:
         predicted = {
-            name: model.predict(batches(part, cfg.train.batch_size), verbose=0)
-            for name, part in splits.items()
+            name: predict_images(model, part, cfg.train.batch_size) for name, part in splits.items()
         }
     evaluations = {
         name: evaluate(predicted[name], part.labels, data.class_names)
@@ -160,6 +133,15 @@ def train(
         parameter_counts=parameter_counts(model),
         backbone_changed=backbone_changed,
     )
+
+
+def predict_images(model: keras.Model, split: Split, batch_size: int) -> np.ndarray:
+    """``model.predict`` over a split's images, streamed from where they are stored."""
+    if len(split) == 0:
+        return np.zeros((0, model.output_shape[-1]), dtype="float32")
+    batches = ImageBatches(split, batch_size)
+    with reading(batches):
+        return np.asarray(model.predict(batches, verbose=0))
 
 
 def predict_small(model: keras.Model, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -187,32 +169,34 @@ def fit_stages(
     """
     tc = cfg.train
 
-    def image_batches() -> tuple[Any, Any]:  # only for stages on images: each costs a copy
-        train = batches(data.train, tc.batch_size, shuffle=True, seed=cfg.seed)
-        return train, batches(data.val, tc.batch_size)
+    def image_batches() -> tuple[ImageBatches, ImageBatches]:  # a stage on images
+        train = ImageBatches(data.train, tc.batch_size, shuffle=True, seed=cfg.seed)
+        return train, ImageBatches(data.val, tc.batch_size)
 
     full = training_model(model, cfg.augment, cfg.seed)
     head_callbacks = list(callbacks)
+    head_val: ImageBatches | None = None
     if features is None:
         trained = full
         head_train, head_val = image_batches()
     else:
         trained = head_of(model)
-        head_train = feature_batches(
+        head_train = FeatureBatches(
             features.train, data.train.labels, tc.batch_size, shuffle=True, seed=cfg.seed
         )
-        head_val = None  # validated by `ValidationOnFeatures`, first among the callbacks
+        # validated by `ValidationOnFeatures`, first among the callbacks
         head_callbacks.insert(0, ValidationOnFeatures(features.val, data.val.labels))
-    steps = 1 if features is None else HEAD_STEPS_PER_EXECUTION
+    steps = 1 if features is None else backend.steps_per_execution(HEAD_STEPS_PER_EXECUTION)
     compile_classifier(trained, make_optimizer(cfg.optimizer), steps_per_execution=steps)
-    head = trained.fit(
-        head_train,
-        validation_data=head_val,
-        epochs=tc.epochs,
-        verbose=0,
-        shuffle=False,
-        callbacks=[*head_callbacks, _early_stopping(tc)],
-    )
+    with reading(*(b for b in (head_train, head_val) if b is not None)):
+        head = trained.fit(
+            head_train,
+            validation_data=head_val,
+            epochs=tc.epochs,
+            verbose=0,
+            shuffle=False,
+            callbacks=[Reshuffle(head_train), *head_callbacks, _early_stopping(tc)],
+        )
     frames = [_history_frame(head, stage="head")]
     done = len(head.epoch) and head.epoch[-1] + 1
     halted = any(getattr(callback, "stop_run", False) for callback in callbacks)
@@ -220,15 +204,16 @@ def fit_stages(
         unfreeze_top(model, tc.fine_tune.unfreeze_layers)
         compile_classifier(full, make_optimizer(cfg.optimizer, tc.fine_tune.learning_rate))
         train_ds, val_ds = image_batches()
-        tuned = full.fit(
-            train_ds,
-            validation_data=val_ds,
-            initial_epoch=done,
-            verbose=0,
-            shuffle=False,
-            epochs=done + tc.fine_tune.epochs,
-            callbacks=[*callbacks, _early_stopping(tc)],
-        )
+        with reading(train_ds, val_ds):
+            tuned = full.fit(
+                train_ds,
+                validation_data=val_ds,
+                initial_epoch=done,
+                verbose=0,
+                shuffle=False,
+                epochs=done + tc.fine_tune.epochs,
+                callbacks=[Reshuffle(train_ds), *callbacks, _early_stopping(tc)],
+            )
         frames.append(_history_frame(tuned, stage="fine_tune"))
     return pd.concat(frames, ignore_index=True)
 
@@ -277,16 +262,23 @@ class ValidationOnFeatures(keras.callbacks.Callback):
         super().__init__()
         self.features = features
         self.labels = np.asarray(labels)
+        # Keras' own metric objects: their float32 total / count is what fit's validation
+        # reports, bit for bit, on every backend (a backend's mean may round otherwise).
+        self.accuracy = keras.metrics.SparseCategoricalAccuracy()
+        self.loss = keras.metrics.Mean()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if logs is None:
             return
         probabilities = predict_small(self.model, self.features)
-        losses = keras.losses.sparse_categorical_crossentropy(self.labels, probabilities)
-        loss = float(keras.ops.convert_to_numpy(keras.ops.mean(losses)))
-        hits = keras.metrics.sparse_categorical_accuracy(self.labels, probabilities)
-        logs["val_accuracy"] = float(keras.ops.convert_to_numpy(keras.ops.mean(hits)))
-        logs["val_loss"] = loss + sum(
+        self.accuracy.reset_state()
+        self.accuracy.update_state(self.labels, probabilities)
+        self.loss.reset_state()
+        self.loss.update_state(
+            keras.losses.sparse_categorical_crossentropy(self.labels, probabilities)
+        )
+        logs["val_accuracy"] = float(keras.ops.convert_to_numpy(self.accuracy.result()))
+        logs["val_loss"] = float(keras.ops.convert_to_numpy(self.loss.result())) + sum(
             float(keras.ops.convert_to_numpy(x)) for x in self.model.losses
         )
 
@@ -362,10 +354,3 @@ def _history_frame(history: keras.callbacks.History, stage: str) -> pd.DataFrame
     frame.insert(0, "epoch", [e + 1 for e in history.epoch])
     frame.insert(1, "stage", stage)
     return frame
-
-
-def _gpus() -> list[Any]:
-    try:
-        return [d for d in keras.distribution.list_devices() if "gpu" in str(d).lower()]
-    except Exception:  # backends without a device listing
-        return []

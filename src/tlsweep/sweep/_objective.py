@@ -13,6 +13,7 @@ import copy
 import json
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -21,8 +22,8 @@ from optuna.trial import TrialState
 
 from tlsweep import tracking
 from tlsweep.backbones import BackboneCache
-from tlsweep.config import ComposedBase, DataConfig
-from tlsweep.data import ImageData, load_data
+from tlsweep.config import ComposedBase, Config, DataConfig
+from tlsweep.data import ImageData, load_run_data
 from tlsweep.experiment import execute, prepare
 from tlsweep.latency import measure_latency
 from tlsweep.model import parameter_counts
@@ -184,13 +185,14 @@ class DataMemo:
     """Keeps the last loaded dataset: trials of one sweep usually share it."""
 
     def __init__(self) -> None:
-        self._key: tuple[DataConfig, int] | None = None
+        self._key: tuple[DataConfig, int, Path] | None = None
         self._data: ImageData | None = None
 
-    def load(self, cfg: DataConfig, input_size: int) -> ImageData:
-        if self._data is None or self._key != (cfg, input_size):
-            self._data = load_data(cfg, input_size)
-            self._key = (copy.deepcopy(cfg), input_size)
+    def load(self, cfg: Config) -> ImageData:
+        key = (cfg.data, cfg.backbone.input_size, cfg.cache.manifest_dir)
+        if self._data is None or self._key != key:
+            self._data = load_run_data(cfg)
+            self._key = copy.deepcopy(key)
         return self._data
 
     def clear(self) -> None:

@@ -102,7 +102,7 @@ def preload_data(spec: SweepSpec, base: Config) -> DataMemo:
     trial loads its own): a folder that cannot be read is refused before the first trial."""
     memo = DataMemo()
     if not spec.searches("data", "backbone"):  # e.g. backbone.input_size: resized images
-        memo.load(base.data, base.backbone.input_size)
+        memo.load(base)
     return memo
 
 

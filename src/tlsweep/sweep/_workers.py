@@ -14,10 +14,11 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tlsweep import tracking
+from tlsweep import backend, tracking
 from tlsweep.progress import SweepProgress
 from tlsweep.sweep._run import Session, default_progress, finish, finished, open_session
 from tlsweep.sweep._storage import fail_lost_trials
@@ -32,6 +33,7 @@ class Worker:
     slot: int
     gpu: str | None
     process: subprocess.Popen[bytes]
+    sharing: int = 1  # workers on the same GPU
 
     @property
     def id(self) -> str:
@@ -48,13 +50,16 @@ def run_workers(
     progress: SweepProgress | None = None,
 ) -> SweepSummary:
     """Run the sweep with ``workers`` local processes (one per GPU when ``gpus`` is given)."""
-    slots = list(gpus) if gpus else [None] * workers
+    slots = worker_slots(workers, gpus)
     session = open_session(spec, workers=max(len(slots), 2))  # refuses bad data, settings...
     session.data.clear()  # ...but the supervisor trains nothing: the workers load their own
     progress = progress or default_progress(spec)
     progress.started(spec.settings.study_name, done=min(finished(session), spec.settings.n_trials))
     command = worker_command(sweep_args, session.url)
-    running = {w.process.pid: w for w in (_start(command, i, gpu) for i, gpu in enumerate(slots))}
+    running = {
+        w.process.pid: w
+        for w in (_start(command, i, gpu, sharing) for i, (gpu, sharing) in enumerate(slots))
+    }
     try:
         with tracking.guard_run(session.parent_run_id, end=False):
             _supervise(session, command, running)
@@ -62,6 +67,15 @@ def run_workers(
         _stop_all(running)
         raise
     return finish(session, progress)
+
+
+def worker_slots(workers: int, gpus: Sequence[str] = ()) -> list[tuple[str | None, int]]:
+    """Each worker's GPU and how many workers share that GPU: one worker per listed GPU
+    (``0,0,1,1``: two on each), else ``workers`` workers on whatever devices there are."""
+    if not gpus:
+        return [(None, 1)] * workers
+    sharing = Counter(gpus)
+    return [(gpu, sharing[gpu]) for gpu in gpus]
 
 
 def worker_command(sweep_args: Sequence[str], url: str) -> list[str]:
@@ -77,15 +91,17 @@ def worker_command(sweep_args: Sequence[str], url: str) -> list[str]:
     ]
 
 
-def worker_env(gpu: str | None, slot: int) -> dict[str, str]:
+def worker_env(gpu: str | None, slot: int, sharing: int = 1) -> dict[str, str]:
+    """A worker's environment: its label, its GPU, and its share of the GPU's memory when
+    ``sharing`` workers run on that GPU."""
     env = dict(os.environ, TLSWEEP_WORKER_LABEL=f"[w{slot}] ", PYTHONUNBUFFERED="1")
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpu
+    env.update(backend.worker_environment(gpu, sharing))
     return env
 
 
-def _start(command: list[str], slot: int, gpu: str | None) -> Worker:
-    return Worker(slot, gpu, subprocess.Popen(command, env=worker_env(gpu, slot)))
+def _start(command: list[str], slot: int, gpu: str | None, sharing: int = 1) -> Worker:
+    env = worker_env(gpu, slot, sharing)
+    return Worker(slot, gpu, subprocess.Popen(command, env=env), sharing)
 
 
 def _supervise(session: Session, command: list[str], running: dict[int, Worker]) -> None:
@@ -105,7 +121,7 @@ def _supervise(session: Session, command: list[str], running: dict[int, Worker])
             lost = fail_lost_trials(session.study, worker.id, reason, s.max_retry)
             print(f"{reason}; trials {lost or 'none'} failed and queued for retry", flush=True)
             if finished(session) < s.n_trials:
-                replacement = _start(command, worker.slot, worker.gpu)
+                replacement = _start(command, worker.slot, worker.gpu, worker.sharing)
                 running[replacement.process.pid] = replacement
 
 
