@@ -13,6 +13,7 @@ size of the features.
 
     python -m bench.scale                       # 2,000, 8,000 and 32,000 images
     python -m bench.scale --sizes 500 2000      # quicker
+    git worktree add /tmp/before c41f511 && python -m bench.scale --baseline /tmp/before
 """
 
 from __future__ import annotations
@@ -84,15 +85,18 @@ def train_command(folder: Path, cache: Path, cached: bool = True) -> list[str]:
     ]
 
 
-def measure(args: list[str], cwd: Path) -> dict:
-    """Run ``tlsweep ARGS`` in a fresh process; its wall time and peak RSS."""
+def measure(args: list[str], cwd: Path, source: Path | None = None) -> dict:
+    """Run ``tlsweep ARGS`` in a fresh process; its wall time and peak RSS. ``source``: a
+    checkout whose ``src/`` is imported instead of this one (``--baseline``)."""
+    paths = [str(source / "src")] if source else []
+    paths.append(str(Path(__file__).resolve().parents[1]))  # this bench, for tiny_backbone
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "bench.scale", "--child", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
     )
     wall = time.perf_counter() - started
     if result.returncode != 0:
@@ -123,6 +127,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000, 32000])
     parser.add_argument("--end-to-end", action="store_true", help="also runs with the cache off")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also measure another checkout of tlsweep (e.g. a git worktree of an older commit)",
+    )
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -155,6 +165,13 @@ def main() -> None:
                 f"features {row['features_gb'] * 1e3:.1f} MB",
                 flush=True,
             )
+            if args.baseline:
+                old = measure(train_command(folder, work / f"base{size}"), work, args.baseline)
+                print(
+                    f"{'':>6} baseline {args.baseline.name}: wall {old['wall_s']:6.1f} s  "
+                    f"peak RSS {old['peak_rss_gb']:.2f} GB",
+                    flush=True,
+                )
         largest = args.sizes[-1]
         warm = measure(train_command(work / f"images{largest}", work / f"cache{largest}"), work)
         print(

@@ -172,6 +172,7 @@ def test_unknown_group_choice_lists_the_valid_ones(group: str) -> None:
         (["head.dropout=-0.1"], ["head.dropout=-0.1", "[0, 1)"]),
         (["head.dense_units=0"], ["head.dense_units=0", ">= 1"]),
         (["train.batch_size=0"], ["train.batch_size=0", ">= 1"]),
+        (["cache.batch_size=0"], ["cache.batch_size=0", ">= 1 or null"]),
         (["train.epochs=0"], ["train.epochs=0", ">= 1"]),
         (["optimizer.learning_rate=0"], ["optimizer.learning_rate=0", "> 0"]),
         (["optimizer.learning_rate=-0.001"], ["optimizer.learning_rate=-0.001", "> 0"]),

@@ -424,6 +424,14 @@ def test_key_follows_the_store_dtype(base) -> None:
     assert differs_everywhere(keys_of(cfg, model, dtype="float16"), keys)
 
 
+def test_key_follows_the_feature_pass_batch_size(make_config, base) -> None:
+    cfg, model, keys = base
+    assert features.feature_batch_size(cfg.cache) == features.CPU_FEATURE_BATCH  # no GPU here
+    bigger = make_config("cache.batch_size=256", base=KEYS_BASE)
+    assert features.feature_batch_size(bigger.cache) == 256
+    assert differs_everywhere(keys_of(bigger, model), keys)
+
+
 def test_key_follows_each_split_data(base) -> None:
     cfg, model, keys = base
     data = fake_data()
@@ -488,6 +496,34 @@ def test_head_on_features_equals_the_full_model(digits_model) -> None:
     assert features.std(axis=0).mean() > 1e-3  # real, image-dependent features
     assert full.std(axis=0).max() > 1e-3  # predictions differ from image to image
     np.testing.assert_allclose(via_head, full, atol=1e-5)
+
+
+def test_the_feature_pass_streams_one_batch_at_a_time(digits_model) -> None:
+    """Images are read a batch at a time and each batch's features handed on at once: the
+    pass never holds the split; every call of the extractor sees the same batch shape."""
+    _, model, data = digits_model
+    reads: list[int] = []
+
+    class Watched(Split):
+        def read(self, indices=None) -> np.ndarray:
+            reads.append(len(self.items) if indices is None else len(indices))
+            return super().read(indices)
+
+    split = Watched(data.train.items, data.train.labels, data.train.size)
+    extractor = feature_extractor(model)
+    shapes: list[tuple] = []
+    real = extractor.predict_on_batch
+    extractor.predict_on_batch = lambda x: shapes.append(x.shape) or real(x)
+    batch = next(b for b in (16, 15, 14) if len(split) % b)  # a last, partial batch
+    blocks = list(features.feature_blocks(extractor, split, batch_size=batch))
+    assert [len(b) for b in blocks] == [
+        min(batch, len(split) - i) for i in range(0, len(split), batch)
+    ]
+    assert max(reads) == batch and sum(reads) == len(split)  # each image read once
+    assert set(shapes) == {(batch, 32, 32, 3)}  # the last batch padded to the same shape
+    np.testing.assert_allclose(
+        np.concatenate(blocks), compute_features(extractor, data.train), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_cached_features_miss_then_hit(digits_model, tmp_path: Path) -> None:

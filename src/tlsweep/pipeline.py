@@ -79,9 +79,11 @@ class _Batches(keras.utils.PyDataset):
         with self._lock:
             pending = self._ahead.pop((self.epoch, index), None)
             self._schedule_after(index)
-        if pending is not None:
-            return pending.result()
-        return self._load(self.indices(index))
+        try:
+            return pending.result() if pending is not None else self._load(self.indices(index))
+        except Exception as exc:  # kept for `reading` (a batch read ahead but never used is not)
+            self.failure = self.failure or exc
+            raise
 
     def inputs(self, indices: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -94,11 +96,7 @@ class _Batches(keras.utils.PyDataset):
                 self._order = self._epoch_order()
 
     def _load(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            return self.inputs(indices), self.labels[indices]
-        except Exception as exc:
-            self.failure = self.failure or exc
-            raise
+        return self.inputs(indices), self.labels[indices]
 
     def _schedule_after(self, index: int) -> None:
         """Start reading the batches after ``index``; forget any not of this epoch's future."""
