@@ -50,3 +50,11 @@ def blocks_convnet(
     if tail:
         x = keras.layers.ReLU(name="tail")(x)
     return keras.Model(inputs, x, name="blocks_convnet")
+
+
+LEAKED_URL = "postgresql://tlsweep:s3cret-pw@db.example:5432/optuna"
+
+
+def leaks_a_password(input_shape: tuple[int, int, int], **options: object) -> keras.Model:
+    """Fails the way a database client does: quoting a URL with its password."""
+    raise ConnectionError(f"could not connect to {LEAKED_URL}: timeout")

@@ -17,6 +17,7 @@ import pytest
 from tlsweep import backend
 
 pytestmark = pytest.mark.backend  # runs on every Keras backend in CI
+TLSWEEP = [sys.executable, "-m", "tlsweep.cli"]
 
 
 def test_prepare_process_adds_deterministic_gpu_flags_and_keeps_the_users() -> None:
@@ -112,8 +113,9 @@ def test_a_sweep_runs_on_torch(tmp_path: Path, write_sweep: Callable[..., Path])
         {"study_name": "ontorch", "n_trials": 2, "sampler": "grid", "pruner": "none"},
         base={"train.epochs": 4},
     )
+    storage = tmp_path / "optuna.db"  # where write_sweep puts the study
     result = subprocess.run(
-        [sys.executable, "-m", "tlsweep.cli", "sweep", str(sweep)],
+        [*TLSWEEP, "sweep", str(sweep)],
         env={**os.environ, "KERAS_BACKEND": "torch"},
         capture_output=True,
         text=True,
@@ -128,3 +130,13 @@ def test_a_sweep_runs_on_torch(tmp_path: Path, write_sweep: Callable[..., Path])
     assert sorted(r.data.params["feature_cache"] for r in runs) == ["hit", "miss"]
     best = max(r.data.metrics["best_val_accuracy"] for r in runs)
     assert best > 0.6  # three classes: chance is 1/3, the heads learned
+    again = subprocess.run(  # determinism on this backend: the best trial, retrained
+        [*TLSWEEP, "reproduce", "--best", "ontorch", "--storage", f"sqlite:///{storage}"],
+        env={**os.environ, "KERAS_BACKEND": "torch"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "reproduced: every metric within 0" in again.stdout

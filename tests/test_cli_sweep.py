@@ -104,7 +104,8 @@ class Session:
 
 
 def interrupt_during_second_trial(folder: Path, sweep_file: Path) -> Done:
-    """Start the sweep, wait for the second trial to be training, then press Ctrl-C.
+    """Start the sweep, wait for the second trial to be training, then send SIGTERM, as a
+    scheduler preempting the job does (handled as Ctrl-C is: tests/test_interrupts.py).
 
     The console is made to behave as a terminal (TTY_COMPATIBLE) so that the live status line
     shows each epoch: ``trial 2/3`` announces the trial, an ``epoch k/100`` after it proves its
@@ -128,7 +129,7 @@ def interrupt_during_second_trial(folder: Path, sweep_file: Path) -> Done:
             second = text.find("trial 2/3 (#1)")
             epochs = re.findall(r"epoch (\d+)/100", text[second:]) if second >= 0 else []
             if epochs and int(epochs[0]) < 80:  # the live line shows some epoch: 20+ to go
-                process.send_signal(signal.SIGINT)
+                process.send_signal(signal.SIGTERM)
                 break
         rest, stderr = process.communicate(timeout=300)
     finally:
@@ -184,13 +185,14 @@ def session(tmp_path_factory, write_sweep) -> Session:
     return Session(folder, interrupted, killed_runs, trials_then, resumed, **after)
 
 
-def test_ctrl_c_exits_130_and_leaves_nothing_running(session: Session) -> None:
+def test_sigterm_exits_143_and_leaves_nothing_running(session: Session) -> None:
     done = session.interrupted
     assert "trial 2/3 (#1)" in done.stdout, done.stdout + done.stderr
-    assert done.returncode == 130, done.stderr
-    assert done.stderr.rstrip().splitlines()[-1] == "tlsweep: interrupted"
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.rstrip().splitlines()[-1] == "tlsweep: interrupted (SIGTERM)"
     assert "tlsweep: interrupted" not in done.stdout
-    assert session.trials_then == [(0, "COMPLETE"), (1, "FAIL")]
+    # the interrupted trial failed, and a copy with its values waits for the next run
+    assert session.trials_then == [(0, "COMPLETE"), (1, "FAIL"), (2, "WAITING")]
     assert sorted(session.killed_runs.values()) == ["FINISHED", "KILLED", "KILLED"]
 
 
@@ -205,8 +207,8 @@ def test_interrupted_runs_are_the_parent_and_the_current_trial(session: Session)
     run = client.get_run(child)
     assert run.data.tags["tlsweep.trial_number"] == "1"
     assert run.data.tags["tlsweep.trial_state"] == "FAIL"  # as Optuna recorded the trial
-    assert "KeyboardInterrupt" in run.data.tags["error"]
-    assert "interrupted" in interrupted_trial.user_attrs["fail_reason"]
+    assert "Interrupted: SIGTERM" in run.data.tags["error"]
+    assert interrupted_trial.user_attrs["fail_reason"] == "interrupted (SIGTERM)"
 
 
 def test_rerun_finishes_the_sweep(session: Session) -> None:
@@ -223,6 +225,7 @@ def test_rerun_finishes_the_sweep(session: Session) -> None:
         TrialState.COMPLETE,
         TrialState.COMPLETE,
     ]
+    assert study.trials[2].params == study.trials[1].params  # the interrupted values, again
     runs = all_runs(session.folder)
     parent_id = study.user_attrs["mlflow_parent_run_id"]
     statuses = {r.info.run_id: r.info.status for r in runs}

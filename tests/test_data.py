@@ -320,16 +320,36 @@ def test_in_memory_sources_keep_their_source_resolution(digits32: ImageData) -> 
     assert digits32.train.read([0]).shape == (1, 32, 32, 3)
 
 
-def test_a_truncated_image_is_named_when_read(
-    make_config: Callable[..., Config], image_folder: Callable[..., Path], tmp_path: Path
-) -> None:
+def _truncated_jpeg(path: Path) -> Path:
     from PIL import Image
 
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), "uint8")).save(path)
+    path.write_bytes(path.read_bytes()[:-600])  # its header reads; its pixels do not
+    return path
+
+
+def test_a_truncated_image_is_refused_by_name_at_load(
+    make_config: Callable[..., Config], image_folder: Callable[..., Path]
+) -> None:
+    root = image_folder({"cat": 4, "dog": 4})
+    photo = _truncated_jpeg(root / "cat" / "big.jpg")
+    with pytest.raises(UserError) as info:
+        load_data(_folder(make_config, root, "data.test_fraction=0.25").data, 16)
+    message = str(info.value)
+    assert message.startswith(f"cannot read image {photo}: image file is truncated")
+    assert "\n" not in message
+
+
+def test_an_image_broken_after_loading_is_named_when_read(
+    make_config: Callable[..., Config], image_folder: Callable[..., Path]
+) -> None:
     root = image_folder({"cat": 4, "dog": 4})
     photo = root / "cat" / "big.jpg"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), "uint8")).save(photo)
-    photo.write_bytes(photo.read_bytes()[:-600])  # its header reads; its pixels do not
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(photo)
     data = load_data(_folder(make_config, root, "data.test_fraction=0.25").data, 16)
+    _truncated_jpeg(photo)  # replaced on disk by a truncated one meanwhile
     split = next(s for s in (data.train, data.val, data.test) if str(photo) in s.items)
     with pytest.raises(UserError) as info:
         split.read()

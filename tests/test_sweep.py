@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from tlsweep import sweep
+from tlsweep import sweep, tracking
 from tlsweep.errors import UserError
 from tlsweep.sweep import (
     FAIL_REASON_ATTR,
@@ -249,6 +249,19 @@ def test_unreadable_data_is_refused_before_any_study_or_run(
     assert not (tmp_path / "mlruns" / "optuna.db").exists()
 
 
+def test_a_file_that_is_not_weights_is_refused_before_any_study_or_run(
+    tiny_spec, store_runs, tmp_path: Path
+) -> None:
+    """Before: the sweep started, and every trial failed loading it."""
+    notes = tmp_path / "resnet50_notop.weights.h5"
+    notes.write_text("these are notes, not weights")
+    with pytest.raises(UserError) as exc:
+        run_sweep(tiny_spec(f"backbone.weights={notes}"))
+    assert f"backbone.weights={notes}" in str(exc.value) and "\n" not in str(exc.value)
+    assert store_runs() == []
+    assert not (tmp_path / "spec" / "optuna.db").exists()
+
+
 def test_trials_share_the_preloaded_data_unless_they_search_it(
     tiny_spec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -329,6 +342,7 @@ class StandInObjective:
 def stand_in(monkeypatch: pytest.MonkeyPatch) -> type[StandInObjective]:
     monkeypatch.setattr(StandInObjective, "calls", [])
     monkeypatch.setattr(_run, "Objective", StandInObjective)
+    monkeypatch.setattr(_run, "prepare", lambda *args, **kwargs: None)  # no model to check
     return StandInObjective
 
 
@@ -395,6 +409,33 @@ def test_summaries_close_their_figures(tiny_spec, stand_in) -> None:
     assert {"plots/optimization_history.png", "plots/slice.png"} <= plots
 
 
+def test_a_study_is_one_experiment(tiny_spec, stand_in) -> None:
+    """Resuming with more trials, or another cache or tracking place, continues the study;
+    another search space or base is refused before anything runs, pointing at a new study."""
+    run_sweep(tiny_spec(settings={"sampler": "random"}))
+    run_sweep(
+        tiny_spec("sweep.n_trials=3", "cache.dir=/tmp/elsewhere", settings={"sampler": "random"})
+    )
+    study = sweep.load_study("tiny", tiny_spec().settings.storage)
+    assert len(study.trials) == 3
+    parent = mlflow_client().get_run(sweep.parent_run_id(study))
+    refused = {
+        "head.dropout=choice(0.0, 0.2, 0.4)": "search space head.dropout=choice(0.0, 0.2), "
+        "this sweep has choice(0.0, 0.2, 0.4)",
+        "head.dense_units=8": "base head.dense_units=64, this sweep has 8",
+    }
+    for override, difference in refused.items():
+        with pytest.raises(UserError) as exc:
+            run_sweep(tiny_spec(override, "sweep.n_trials=5", settings={"sampler": "random"}))
+        message = str(exc.value)
+        assert f"study tiny was started with {difference}" in message, message
+        assert "sweep.study_name=tiny-2" in message and "\n" not in message
+    study = sweep.load_study("tiny", tiny_spec().settings.storage)
+    assert len(study.trials) == 3  # untouched
+    after = mlflow_client().get_run(parent.info.run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time == parent.info.end_time
+
+
 def test_failed_trial_does_not_stop_the_sweep(tiny_spec, stand_in, monkeypatch) -> None:
     spec = tiny_spec(settings={"sampler": "random", "n_trials": 3})
     monkeypatch.setattr(stand_in, "fail_at", 1)
@@ -441,9 +482,17 @@ def swept(tmp_path_factory, write_sweep) -> Swept:
     )
     uri = f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
     storage = f"sqlite:///{folder / 'optuna.db'}"
+    real_record = tracking.run_record
+
+    def tampered_record(run_id: str) -> dict:
+        """What a tampered store would hand back: a config that is not even YAML. The
+        champion is built from the config the sweep composed, so nothing reads it."""
+        return {**real_record(run_id), "config_yaml": "backbone: {_target_: [tampered"}
+
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setattr(tracking, "run_record", tampered_record)
         first = run_sweep(load_sweep(str(path)))
         before = _trial_facts(sweep.load_study("tiny", storage))
         second = run_sweep(load_sweep(str(path), ["sweep.n_trials=3"]))

@@ -411,6 +411,31 @@ def test_unknown_section_and_bad_yaml(tmp_path: Path) -> None:
     assert_one_line(exc, "not valid YAML")
 
 
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        (b"- base\n- search_space\n", ["a sweep file is a mapping", "not a list"]),
+        (b"just a sentence\n", ["a sweep file is a mapping", "not a string"]),
+        (b"42\n", ["not a number"]),
+        (b"base:\n  - backbone=vgg16\nsearch_space: {head.dropout: [0.1]}\n", ["base is a list"]),
+        (b"search_space: choice(1, 2)\n", ["search_space is a string"]),
+        (b"sweep: [n_trials, 3]\n", ["sweep is a list"]),
+        (b"search_space: {head.dropout: [0.1]}\n# caf\xe9\n", ["not UTF-8", "0xe9"]),
+    ],
+    ids=["list", "scalar", "number", "list-base", "scalar-space", "list-sweep", "latin-1"],
+)
+def test_malformed_sweep_files_are_one_line_errors(
+    tmp_path: Path, content: bytes, fragments: list[str]
+) -> None:
+    path = tmp_path / "malformed.yaml"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as exc:
+        load_sweep(str(path))
+    for fragment in fragments:
+        assert_one_line(exc, fragment)
+    assert str(path) in str(exc.value)
+
+
 # --- the shipped sweeps --------------------------------------------------------------------
 
 

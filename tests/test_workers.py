@@ -31,26 +31,37 @@ from tlsweep.sweep._storage import (
     DEFAULT_STORAGE,
     RetryLostTrial,
     StudyLock,
+    fail_dead_trials,
     fail_lost_trials,
+    reconcile_runs,
     retry_of,
     storage_url,
 )
 from tlsweep.sweep._workers import worker_command, worker_env, worker_slots
-from tlsweep.sweepspec import SweepSettings
+from tlsweep.sweepspec import WORKER_STORAGE_ENV, SweepSettings, load_sweep, worker_overrides
 
 TLSWEEP = [sys.executable, "-m", "tlsweep.cli"]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+CAPTURE = {"capture_output": True, "text": True, "check": True}
 
 # --- fast: commands, storages, lost trials, the lock -------------------------------------------
 
 
-def test_each_worker_runs_the_same_sweep_on_the_resolved_storage() -> None:
-    command = worker_command(["quickstart", "head.dropout=0.1"], "journal:///tmp/x.journal")
+def test_each_worker_runs_the_same_sweep_on_the_resolved_storage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secret = "postgresql://tl:s3cret@db.example/optuna"
+    command = worker_command(["quickstart", "head.dropout=0.1", f"sweep.storage={secret}"])
     assert command[:4] == [sys.executable, "-m", "tlsweep.cli", "sweep"]
-    assert command[4:6] == ["quickstart", "head.dropout=0.1"]
-    assert "sweep.storage=journal:///tmp/x.journal" in command
-    assert command[-1] == "--worker"
+    assert command[4:] == ["quickstart", "head.dropout=0.1", "--worker"]
+    assert "s3cret" not in " ".join(command)  # never on a command line: ps shows those
+    env = worker_env(None, slot=0, storage=secret)
+    assert env[WORKER_STORAGE_ENV] == secret  # in the environment instead
+    monkeypatch.setenv(WORKER_STORAGE_ENV, secret)
+    assert worker_overrides() == [f"sweep.storage='{secret}'"]
+    spec = load_sweep("quickstart", worker_overrides())  # how the worker reads it back
+    assert spec.settings.storage == secret
 
 
 def test_each_gpu_worker_sees_only_its_gpu() -> None:
@@ -138,6 +149,66 @@ def test_a_dead_workers_trial_is_failed_closed_and_retried(tmp_path: Path) -> No
     retried.set_user_attr(WORKER_ATTR, "host:789")
     fail_lost_trials(study, "host:789", "died again", max_retry=1)
     assert study.get_trials(states=(TrialState.WAITING,)) == []  # max_retry reached
+
+
+def test_trials_of_gone_processes_are_found_without_heartbeats(tmp_path: Path) -> None:
+    """A resumed or joined sweep on a journal file finds what a killed process left RUNNING:
+    its trials on this machine by their worker's pid, and a trial that recorded no worker."""
+    storage = open_storage(f"journal://{tmp_path / 'j.journal'}")
+    host = socket.gethostname()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **CAPTURE)
+    dead_pid = int(gone.stdout)  # that process has exited
+    study, dead, _, run_id = _running_trial_with_run(storage, f"{host}:{dead_pid}")
+    unrecorded = study.ask()  # killed between taking the trial and recording itself
+    alive = study.ask()
+    alive.set_user_attr(WORKER_ATTR, f"{host}:{os.getpid()}")
+    elsewhere = study.ask()  # another machine's: left to that machine (or to heartbeats)
+    elsewhere.set_user_attr(WORKER_ATTR, f"another-{host}:{dead_pid}")
+
+    lost = fail_dead_trials(study, max_retry=2)
+
+    assert sorted(lost) == sorted([dead.number, unrecorded.number])
+    states = {t.number: t.state for t in study.trials}
+    assert states[dead.number] == states[unrecorded.number] == TrialState.FAIL
+    assert states[alive.number] == states[elsewhere.number] == TrialState.RUNNING
+    assert "is gone" in study.trials[dead.number].user_attrs[FAIL_REASON_ATTR]
+    assert mlflow.MlflowClient().get_run(run_id).info.status == "FAILED"
+    retries = study.get_trials(states=(TrialState.WAITING,))
+    assert sorted(retry_of(t) for t in retries) == sorted(lost)  # both queued again
+    assert fail_dead_trials(study, max_retry=2) == []
+
+
+def test_runs_left_running_by_ended_trials_are_closed(tmp_path: Path) -> None:
+    """Reconciliation (as a sweep opens and as it ends): a run still RUNNING whose trial has
+    ended is closed, FINISHED if it is a finished trial's run, FAILED otherwise."""
+    storage = open_storage(f"journal://{tmp_path / 'j.journal'}")
+    study = optuna.create_study(study_name="lost", storage=storage, direction="maximize")
+    tracking.connect()
+    client = mlflow.MlflowClient()
+    experiment = tracking.experiment_id("lost")
+    parent = client.create_run(experiment).info.run_id
+
+    def trial_with_run(state: TrialState | None) -> tuple[int, str]:
+        trial = study.ask()
+        tags = {"mlflow.parentRunId": parent, "tlsweep.trial_number": str(trial.number)}
+        run_id = client.create_run(experiment, tags=tags).info.run_id
+        trial.set_user_attr(RUN_ID_ATTR, run_id)
+        if state is not None:
+            study.tell(trial, 1.0 if state == TrialState.COMPLETE else None, state=state)
+        return trial.number, run_id
+
+    _, completed = trial_with_run(TrialState.COMPLETE)  # the tracking server was away at its end
+    _, failed = trial_with_run(TrialState.FAIL)  # its process stopped before closing the run
+    _, running = trial_with_run(None)  # still training elsewhere
+    other = client.create_run(experiment).info.run_id  # not a child of this sweep
+
+    ended = reconcile_runs(study, parent)
+
+    assert sorted(ended) == sorted([completed, failed])
+    status = {r: client.get_run(r).info.status for r in (completed, failed, running, other)}
+    assert status == {completed: "FINISHED", failed: "FAILED", running: "RUNNING", other: "RUNNING"}
+    assert "ended (FAIL)" in client.get_run(failed).data.tags["error"]
+    assert reconcile_runs(study, parent) == []
 
 
 def test_rdb_storages_beat_and_retry_lost_trials(tmp_path: Path) -> None:
@@ -280,6 +351,89 @@ def test_a_killed_worker_loses_no_trial(tmp_path: Path, write_sweep: Callable[..
     parent_id = study.user_attrs["mlflow_parent_run_id"]
     runs = client.search_runs([client.get_run(parent_id).info.experiment_id])
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def _worker_processes(sweep_file: Path) -> list[int]:
+    """Pids of live worker processes of ``sweep_file`` (from /proc: any parent)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(sweep_file).encode() in args and b"--worker" in args:
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["process group", "supervisor"])
+def test_sigterm_stops_every_worker_cleanly_and_the_sweep_resumes(
+    tmp_path: Path, write_sweep: Callable[..., Path], target: str
+) -> None:
+    """What ``docker stop``, systemd or ``scancel`` send, to the whole process group or to the
+    supervisor alone (which passes it on): every running trial fails and is queued again, its
+    run ends KILLED, no worker outlives the supervisor, and the next run finishes exactly."""
+    path = write_sweep(
+        tmp_path,
+        {"head.dropout": "interval(0.0, 0.5)"},
+        {"study_name": "tiny", "storage": None, "n_trials": 4},
+        base={"train.epochs": 300, "train.early_stopping.patience": None},
+    )
+    env = _env(TTY_COMPATIBLE="1", TERM="xterm", COLUMNS="160")
+    supervisor = subprocess.Popen(
+        [*TLSWEEP, "sweep", str(path), "--workers", "2"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, as a job's
+    )
+    assert supervisor.stdout is not None
+    seen, training = "", []
+    while len(training) < 2 and (chunk := os.read(supervisor.stdout.fileno(), 65536)):
+        seen += ANSI.sub("", chunk.decode(errors="replace"))
+        latest = [re.findall(rf"\[w{w}\] trial \d/4  epoch (\d+)/300", seen) for w in (0, 1)]
+        if all(epochs and int(epochs[-1]) < 150 for epochs in latest):  # both well in a trial
+            running = _journal_study(tmp_path).get_trials(states=(TrialState.RUNNING,))
+            training = [t for t in running if RUN_ID_ATTR in t.user_attrs]
+    assert len(training) == 2, seen[-2000:]
+    if target == "process group":
+        os.killpg(supervisor.pid, signal.SIGTERM)
+    else:
+        supervisor.send_signal(signal.SIGTERM)
+    _, stderr = supervisor.communicate(timeout=120)
+    assert supervisor.returncode == 143, stderr.decode()[-2000:]
+    assert stderr.decode().rstrip().splitlines()[-1] == "tlsweep: interrupted (SIGTERM)"
+    assert _worker_processes(path) == []  # no orphan
+
+    study = _journal_study(tmp_path)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    client = _client()
+    for trial in training:
+        stopped = study.trials[trial.number]
+        assert stopped.state == TrialState.FAIL
+        assert stopped.user_attrs[FAIL_REASON_ATTR] == "interrupted (SIGTERM)"
+        assert client.get_run(stopped.user_attrs[RUN_ID_ATTR]).info.status == "KILLED"
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert sorted(retry_of(t) for t in waiting) == sorted(t.number for t in training)
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.info.status == "KILLED"
+
+    resumed = subprocess.run(
+        [*TLSWEEP, "sweep", str(path), "--workers", "2"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study = _journal_study(tmp_path)
+    _assert_one_to_one(study, client, n_trials=4)
+    retried = [t for t in study.trials if retry_of(t) is not None]
+    assert {retry_of(t) for t in retried} == {t.number for t in training}
+    assert all(t.params == study.trials[retry_of(t)].params for t in retried)
 
 
 # --- slow: several machines: PostgreSQL + an MLflow tracking server ----------------------------
@@ -500,6 +654,15 @@ def _read_until(process: subprocess.Popen, pattern: str, timeout: float) -> str:
 
 
 @pytest.mark.slow
+def _as_another_machine(name: str) -> list[str]:
+    """A command prefix that runs a process as if on machine ``name``: its own UTS namespace
+    with that host name (root only), so its trials name another host and only heartbeats can
+    tell that it is lost. Empty where that is not possible."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return []
+    return ["unshare", "--uts", "sh", "-c", f'hostname "tlsweep-{name}" && exec "$@"', "sh"]
+
+
 def test_a_machine_lost_mid_trial_is_detected_by_heartbeat_and_its_trial_retried(
     postgres: str,
     mlflow_server: str,
@@ -526,7 +689,7 @@ def test_a_machine_lost_mid_trial_is_detected_by_heartbeat_and_its_trial_retried
     for name in ("m1", "m2"):
         (tmp_path / name).mkdir()
         machines[name] = subprocess.Popen(
-            [*TLSWEEP, "sweep", str(path)],
+            [*_as_another_machine(name), *TLSWEEP, "sweep", str(path)],
             cwd=tmp_path / name,
             env=env,
             stdout=subprocess.PIPE,
@@ -554,7 +717,9 @@ def test_a_machine_lost_mid_trial_is_detected_by_heartbeat_and_its_trial_retried
     assert len(lost) == 1, [(t.number, t.state, t.user_attrs) for t in study.trials]
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     lost_run = client.get_run(lost[0].user_attrs[RUN_ID_ATTR])
-    assert lost_run.info.status == "FAILED" and "heartbeats" in lost_run.data.tags["error"]
+    # On one host (no namespaces to pretend otherwise) its pid gives it away sooner.
+    found_by = "heartbeats" if _as_another_machine("m2") else "is gone"
+    assert lost_run.info.status == "FAILED" and found_by in lost_run.data.tags["error"]
     retries = [t for t in study.trials if retry_of(t) == lost[0].number]
     assert len(retries) == 1 and retries[0].state in FINISHED
     assert retries[0].params == lost[0].params

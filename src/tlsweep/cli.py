@@ -1,6 +1,7 @@
 """The ``tlsweep`` command line: parses arguments, calls the library, maps errors to exit codes.
 
-Exit codes: 0 success, 2 bad input (one line on stderr), 130 interrupted, 1 anything else.
+Exit codes: 0 success, 2 bad input (one line on stderr), 128 + the signal's number when
+interrupted (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP: all three handled alike), 1 anything else.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import os
 import shutil
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,13 @@ from typing import Any
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from tlsweep import backend
+from tlsweep import backend, interrupts
 
 backend.prepare_process()
 
 from tlsweep.config import CONFIG_GROUPS, group_choices  # noqa: E402
 from tlsweep.errors import UserError  # noqa: E402
+from tlsweep.redaction import redact, redact_url  # noqa: E402
 
 KEY_REFERENCE = """\
 keys (override any with key=value):
@@ -73,14 +76,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tlsweep`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    interrupts.install()
     try:
         return int(args.handler(args) or 0)
     except UserError as exc:
-        print(f"tlsweep: error: {exc}", file=sys.stderr)
+        print(f"tlsweep: error: {redact(str(exc))}", file=sys.stderr)
         return UserError.exit_code
-    except KeyboardInterrupt:
-        print("tlsweep: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        how = interrupts.description(exc)
+        print("tlsweep: interrupted" + ("" if how == "Ctrl-C" else f" ({how})"), file=sys.stderr)
+        return interrupts.exit_code(exc)
+    except Exception as exc:  # a bug or an outage: the traceback, without any password in it
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        print(redact(text), end="", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,12 +218,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from tlsweep.sweepspec import load_sweep
+    from tlsweep.sweepspec import load_sweep, worker_overrides
 
     gpus = _gpu_list(args.gpus)
     if args.workers < 1:
         raise UserError(f"--workers={args.workers} is not allowed: must be >= 1")
-    spec = load_sweep(args.name, args.overrides)  # bad input is refused before TF loads
+    overrides = [*args.overrides, *(worker_overrides() if args.worker else [])]
+    spec = load_sweep(args.name, overrides)  # bad input is refused before TF loads
     backend.import_quietly()
     from tlsweep.sweep import run_sweep, run_worker, run_workers
 
@@ -225,7 +235,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         summary = run_workers(spec, [args.name, *args.overrides], args.workers, gpus)
     else:
         summary = run_sweep(spec)
-    return 0 if summary.best_value is not None else 1
+    return 0 if summary.best_value is not None and not summary.shortfall else 1
 
 
 def _gpu_list(text: str | None) -> list[str]:
@@ -352,7 +362,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         "1",
     ]
     print(
-        f"MLflow UI for {tracking.redact(uri)}: http://{args.host}:{args.port}  (Ctrl-C stops)",
+        f"MLflow UI for {redact_url(uri)}: http://{args.host}:{args.port}  (Ctrl-C stops)",
         flush=True,
     )
     return subprocess.call(command)

@@ -119,17 +119,23 @@ def execute(
     return result
 
 
-def materialize_model(run_id: str, backbones: BackboneCache | None = None) -> str | None:
+def materialize_model(
+    run_id: str, backbones: BackboneCache | None = None, cfg: Config | None = None
+) -> str | None:
     """The URI of ``run_id``'s full raw-image model, logging it first if the run stored only
-    its head: the backbone is rebuilt from the logged config, checked against the weight hash
-    the run recorded, and joined with the head's trained weights. None: the run has neither."""
+    its head: the backbone is rebuilt, checked against the weight hash the run recorded, and
+    joined with the head's trained weights. None: the run has neither.
+
+    ``cfg``: the config the run trained, as the caller composed it (a sweep's summary). None
+    reads back the config the run logged; a config can name code to import (a custom
+    backbone's ``_target_``), so only do that for stores you trust."""
     record = tracking.run_record(run_id)
     if uri := record["tags"].get(tracking.MODEL_URI_TAG):
         return uri
     head_weights = tracking.download_head_weights(run_id)
     if head_weights is None:
         return None
-    cfg = to_config(yaml.safe_load(record["config_yaml"]))
+    cfg = cfg or to_config(yaml.safe_load(record["config_yaml"]))
     keras.backend.clear_session()
     seed_everything(cfg.seed, cfg.train.deterministic)
     configure_devices(cfg.train.mixed_precision)

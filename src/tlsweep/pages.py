@@ -14,6 +14,7 @@ import pandas as pd
 
 from tlsweep import plots, report, tracking
 from tlsweep.errors import UserError
+from tlsweep.redaction import redact_url
 
 CURVE_METRICS = ("val_accuracy", "accuracy", "val_loss", "loss")
 
@@ -59,7 +60,7 @@ def sweep_report(name: str, top: int = 5, storage: str | None = None) -> report.
             name,
             best.get("run_id"),
             others[0] if best and others else None,
-            tracking.redact(storage) if storage else None,
+            redact_url(storage) if storage else None,
         ),
         generated=_now(),
     )

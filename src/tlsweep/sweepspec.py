@@ -26,6 +26,7 @@ that also fixes KEY if it was searched.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -38,6 +39,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tlsweep.config import CONFIG_GROUPS, compose
 from tlsweep.errors import UserError
+
+WORKER_STORAGE_ENV = "TLSWEEP_WORKER_STORAGE"
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "gp", "qmc", "nsga2", "nsga3")
 MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "nsga3", "tpe", "random", "grid", "gp", "qmc")
@@ -179,15 +182,7 @@ def available_sweeps() -> list[str]:
 def load_sweep(name: str, cli_overrides: Sequence[str] = ()) -> SweepSpec:
     """Read ``sweeps/NAME.yaml`` (or a path), apply command-line overrides, validate."""
     path = _sweep_path(name)
-    try:
-        document = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    unknown = set(document) - {"base", "search_space", "sweep"}
-    if unknown:
-        raise UserError(
-            f"{path}: unknown sections {sorted(unknown)}; allowed: base, search_space, sweep"
-        )
+    document = _read_document(path)
     base = [to_override(k, v) for k, v in (document.get("base") or {}).items()]
     space = {
         key: parse_dimension(key, _expression(value))
@@ -266,6 +261,13 @@ def validate_sweep(spec: SweepSpec) -> None:
     _check_keys(spec)
 
 
+def worker_overrides() -> list[str]:
+    """In a local worker process: the ``sweep.storage`` its supervisor resolved, passed in the
+    environment (`WORKER_STORAGE_ENV`) so that no command line shows the URL's password."""
+    storage = os.environ.get(WORKER_STORAGE_ENV)
+    return [to_override("sweep.storage", storage)] if storage else []
+
+
 def to_override(key: str, value: Any) -> str:
     """``key=value`` in Hydra's override syntax (YAML values, quoted where needed)."""
     return f"{key}={_format(value)}"
@@ -276,6 +278,49 @@ def with_settings(spec: SweepSpec, **changes: Any) -> SweepSpec:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+SECTIONS = ("base", "search_space", "sweep")
+
+
+def _read_document(path: Path) -> dict[str, Any]:
+    """The sweep file as a mapping of its sections, each a mapping (or empty); anything else
+    (not UTF-8, not YAML, a list, a scalar, a section that is a list) is a one-line error."""
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x})"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise UserError(
+            f"{path}: a sweep file is a mapping with the sections {', '.join(SECTIONS)}, "
+            f"not a {_kind(document)}"
+        )
+    unknown = set(document) - set(SECTIONS)
+    if unknown:
+        raise UserError(
+            f"{path}: unknown sections {sorted(map(str, unknown))}; allowed: {', '.join(SECTIONS)}"
+        )
+    for section in SECTIONS:
+        value = document.get(section)
+        if value is not None and not isinstance(value, dict):
+            raise UserError(
+                f"{path}: section {section} is a {_kind(value)}; write it as KEY: VALUE lines"
+            )
+    return document
+
+
+def _kind(value: object) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def _sweep_path(name: str) -> Path:

@@ -25,6 +25,7 @@ from tlsweep import backend
 from tlsweep.config import Config, TrackingConfig, flatten, to_yaml
 from tlsweep.data import ImageData
 from tlsweep.errors import UserError
+from tlsweep.redaction import redact, redact_url
 
 if TYPE_CHECKING:  # keras (and so TensorFlow) loads only when a model is touched
     import keras
@@ -136,10 +137,10 @@ def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
 def record_failure(run_id: str, exc: BaseException) -> None:
     """Tag the run with the error and keep the traceback as ``error.txt``."""
     client = mlflow.MlflowClient()
-    message = f"{type(exc).__name__}: {exc}"[:5000]
+    message = redact(f"{type(exc).__name__}: {exc}")[:5000]
     client.set_tag(run_id, "error", message)
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    client.log_text(run_id, text, "error.txt")
+    client.log_text(run_id, redact(text), "error.txt")
 
 
 def default_run_name(cfg: Config) -> str:
@@ -295,11 +296,6 @@ def _keras_backend() -> str:
     return keras.backend.backend()
 
 
-def redact(url: str) -> str:
-    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
-    return re.sub(r"(://[^:/@\s]+):[^@\s]*@", r"\1:***@", url)
-
-
 # --- sweeps: the parent run, the leaderboard, the champion -------------------------------------
 
 
@@ -327,13 +323,31 @@ def close_lost_run(run_id: str, reason: str) -> None:
         run = client.get_run(run_id)
     except mlflow.exceptions.MlflowException:
         return
-    set_tags(run_id, {"error": reason, "tlsweep.trial_state": "FAIL"})
+    set_tags(run_id, {"error": redact(reason), "tlsweep.trial_state": "FAIL"})
     if run.info.status == "RUNNING":
         client.set_terminated(run_id, "FAILED")
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
     mlflow.MlflowClient().set_terminated(run_id, status)
+
+
+def running_children(parent_run_id: str) -> list[tuple[str, int | None]]:
+    """The child runs of a sweep still RUNNING: (run id, trial number from its tag)."""
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=(
+            f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
+        ),
+        max_results=50_000,
+    )
+    found = []
+    for run in runs:
+        number = run.data.tags.get("tlsweep.trial_number", "")
+        found.append((run.info.run_id, int(number) if number.isdigit() else None))
+    return found
 
 
 def child_runs_frame(parent_run_id: str) -> pd.DataFrame:
@@ -486,7 +500,9 @@ def run_record(run_id: str) -> dict[str, Any]:
     try:
         run = client.get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        raise UserError(f"no MLflow run {run_id} in {redact(mlflow.get_tracking_uri())}") from None
+        raise UserError(
+            f"no MLflow run {run_id} in {redact_url(mlflow.get_tracking_uri())}"
+        ) from None
     with tempfile.TemporaryDirectory() as tmp:
         try:
             config = Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text()
@@ -538,12 +554,12 @@ def run_data(run_id: str) -> dict[str, Any]:
     needed). An unknown id is a `UserError`; a SQLite store that does not exist is not created."""
     uri = mlflow.get_tracking_uri()
     if (db := _sqlite_path(uri)) and not db.exists():
-        raise UserError(f"no MLflow run {run_id} in {redact(uri)} (no such store yet)")
+        raise UserError(f"no MLflow run {run_id} in {redact_url(uri)} (no such store yet)")
     client = mlflow.MlflowClient()
     try:
         run = client.get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        raise UserError(f"no MLflow run {run_id} in {redact(uri)}") from None
+        raise UserError(f"no MLflow run {run_id} in {redact_url(uri)}") from None
     return {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name,

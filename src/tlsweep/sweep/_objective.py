@@ -20,7 +20,7 @@ import keras
 import optuna
 from optuna.trial import TrialState
 
-from tlsweep import tracking
+from tlsweep import interrupts, tracking
 from tlsweep.backbones import BackboneCache
 from tlsweep.config import ComposedBase, Config, DataConfig
 from tlsweep.data import ImageData, load_run_data
@@ -28,8 +28,10 @@ from tlsweep.experiment import execute, prepare
 from tlsweep.latency import measure_latency
 from tlsweep.model import parameter_counts
 from tlsweep.progress import SweepProgress
+from tlsweep.redaction import redact
 from tlsweep.sweep._common import FAIL_REASON_ATTR, RUN_ID_ATTR, WORKER_ATTR
 from tlsweep.sweep._samplers import suggest
+from tlsweep.sweep._storage import retry_interrupted
 from tlsweep.sweepspec import SweepSpec, param_overrides
 
 
@@ -95,7 +97,11 @@ class Objective:
                 tracking.set_tags(run_id, {"tlsweep.trial_state": state})
         except BaseException as exc:  # Ctrl-C too: Optuna records it as FAIL, so must we
             interrupted = isinstance(exc, KeyboardInterrupt)
-            reason = "interrupted (Ctrl-C)" if interrupted else f"{type(exc).__name__}: {exc}"
+            if interrupted:  # SIGINT, SIGTERM or SIGHUP: not the trial's fault, run it again
+                reason = f"interrupted ({interrupts.description(exc)})"
+                retry_interrupted(trial.study, trial.number, s.max_retry)
+            else:  # the text may quote a URL with its password: never stored or shown as is
+                reason = redact(f"{type(exc).__name__}: {exc}")
             trial.set_user_attr(FAIL_REASON_ATTR, reason[:2000])
             if run_id:
                 tracking.set_tags(run_id, {"tlsweep.trial_state": "FAIL"})

@@ -8,6 +8,7 @@ never overshoot; the lock is released as soon as the trial is RUNNING.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -20,6 +21,7 @@ from optuna.trial import TrialState
 from tlsweep import tracking
 from tlsweep.backbones import BackboneCache
 from tlsweep.config import ComposedBase, Config
+from tlsweep.experiment import prepare
 from tlsweep.progress import SweepProgress
 from tlsweep.sweep import _samplers
 from tlsweep.sweep._common import ENDED_STATES, FINISHED_STATES, PARENT_RUN_ATTR, count
@@ -27,8 +29,10 @@ from tlsweep.sweep._objective import DataMemo, Objective, trial_configs
 from tlsweep.sweep._storage import (
     SESSIONS_ATTR,
     StudyLock,
+    fail_dead_trials,
     open_storage,
     open_study,
+    reconcile_runs,
     sessions_opened,
     storage_url,
 )
@@ -58,8 +62,8 @@ def run_sweep(spec: SweepSpec, progress: SweepProgress | None = None) -> SweepSu
         progress.started(
             spec.settings.study_name, done=min(finished(session), spec.settings.n_trials)
         )
-        work(session, progress)
-    return finish(session, progress)
+        stopped = work(session, progress)
+    return finish(session, progress, stopped)
 
 
 def run_worker(spec: SweepSpec) -> None:
@@ -68,8 +72,12 @@ def run_worker(spec: SweepSpec) -> None:
     work(session, default_progress(spec, prefix=os.environ.get("TLSWEEP_WORKER_LABEL", "")))
 
 
-def open_session(spec: SweepSpec, workers: int = 1) -> Session:
+def open_session(spec: SweepSpec, workers: int = 1, trains: bool = True) -> Session:
     """Check the settings, open storage and study, and the parent run (created once).
+
+    A process that ``trains`` (not a supervisor, which must not touch a GPU its workers need)
+    also builds the base config's model first, so that a backbone or weights file that cannot
+    be built is refused before any study or run exists; the trials then reuse that backbone.
 
     The sampler is built once, under the study lock, seeded with ``seed + session number``
     (the number of processes that opened the study before this one): a fresh one-process
@@ -80,6 +88,9 @@ def open_session(spec: SweepSpec, workers: int = 1) -> Session:
     configs = trial_configs(spec)
     base = configs.load()
     data = preload_data(spec, base)  # bad data stops here, before any study or run exists
+    backbones = BackboneCache()
+    if trains and not spec.searches("data", "backbone"):  # so does a bad backbone
+        prepare(base, load=data.load, backbones=backbones)
     sampler_for = _samplers.sampler_factory(s, spec.space)  # refuse bad settings early
     pruner = _samplers.make_pruner(s)
     url = storage_url(s, workers)
@@ -89,12 +100,14 @@ def open_session(spec: SweepSpec, workers: int = 1) -> Session:
     with lock.held():  # one parent run and distinct session numbers, however many start at once
         session_number = sessions_opened(storage, s.study_name)
         study = open_study(spec, storage, sampler_for(session_number), pruner)
+        fail_dead_trials(study, s.max_retry)
         parent = tracking.open_parent_run(
             s.study_name, run_id=study.user_attrs.get(PARENT_RUN_ATTR), tags=parent_tags(spec, url)
         )
+        reconcile_runs(study, parent)
         study.set_user_attr(PARENT_RUN_ATTR, parent)
         study.set_user_attr(SESSIONS_ATTR, session_number + 1)
-    return Session(spec, url, study, lock, parent, configs, data)
+    return Session(spec, url, study, lock, parent, configs, data, backbones)
 
 
 def preload_data(spec: SweepSpec, base: Config) -> DataMemo:
@@ -106,11 +119,14 @@ def preload_data(spec: SweepSpec, base: Config) -> DataMemo:
     return memo
 
 
-def work(session: Session, progress: SweepProgress, worker: str | None = None) -> None:
+def work(session: Session, progress: SweepProgress, worker: str | None = None) -> str:
     """Run trials until the study has ``n_trials`` finished or running ones.
 
     Failed trials do not count and are replaced, up to ``max(3, n_trials)`` failures in this
-    process; the loop also ends at the timeout and when a grid has every point done.
+    process; the loop also ends at the timeout and when a grid has every point done. Trials
+    left RUNNING by a process of this machine that is gone, or by one that died before
+    recording itself, are failed and queued again first (`fail_dead_trials`). Returns why it
+    stopped: ``done``, ``timeout`` or ``failures``.
     """
     s, study = session.spec.settings, session.study
     objective = Objective(
@@ -126,13 +142,16 @@ def work(session: Session, progress: SweepProgress, worker: str | None = None) -
     max_failures, failures = max(3, s.n_trials), 0
     patience = 2 * (s.grace_period or 4 * s.heartbeat_interval)  # bound on waiting for others
     waited = 0.0
-    while failures < max_failures and (deadline is None or time.monotonic() < deadline):
+    while failures < max_failures:
+        if deadline is not None and time.monotonic() >= deadline:
+            return "timeout"
         optuna.storages.fail_stale_trials(study)  # trials of workers that stopped beating
         session.lock.acquire()
         try:
+            fail_dead_trials(study, s.max_retry)  # under the lock: see its docstring
             if not _needs_trial(study, s.n_trials):
                 if not _others_may_fail(session) or waited > patience:
-                    return
+                    return "done"
                 session.lock.release()
                 time.sleep(s.heartbeat_interval)  # until they finish, or go stale and are retried
                 waited += s.heartbeat_interval
@@ -146,19 +165,48 @@ def work(session: Session, progress: SweepProgress, worker: str | None = None) -
         finally:
             session.lock.release()
         if count(study, ENDED_STATES) == ended:
-            return  # no trial ran: the sampler stopped the study
+            return "done"  # no trial ran: the sampler stopped the study
         failures += count(study, (TrialState.FAIL,)) - failed
+    return "failures"
 
 
-def finish(session: Session, progress: SweepProgress) -> SweepSummary:
-    """Summarise on the parent run and mark it FINISHED."""
+def finish(session: Session, progress: SweepProgress, stopped: str = "done") -> SweepSummary:
+    """Summarise on the parent run and mark it FINISHED; say so if the study ended short of
+    ``n_trials`` (``stopped``: why this process's loop ended, see `work`)."""
     with tracking.guard_run(session.parent_run_id, end=False):
+        reconcile_runs(session.study, session.parent_run_id)
         summary = summarize(session.study, session.spec, session.parent_run_id, session.backbones)
     tracking.finish_run(session.parent_run_id)
     progress.finished(summary.leaderboard, summary.best_value, summary.champion_uri)
     if summary.pareto_front is not None and len(summary.pareto_front):
         show_front(summary.pareto_front, progress)
-    return summary
+    short = shortfall(session, stopped)
+    if short:
+        progress.console.print(short)
+    if stopped == "timeout":  # asked for: said, but not an error
+        return summary
+    return dataclasses.replace(summary, shortfall=short)
+
+
+def shortfall(session: Session, stopped: str) -> str | None:
+    """A one-line account of a study that has fewer than ``n_trials`` finished trials (a grid
+    with every point done is complete); None when it has them all."""
+    s, study = session.spec.settings, session.study
+    done = finished(session)
+    if done >= s.n_trials or (
+        isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study)
+    ):
+        return None
+    if stopped == "timeout":
+        why = f"stopped at sweep.timeout={s.timeout} s"
+    elif stopped == "failures":
+        why = f"stopped after {count(study, (TrialState.FAIL,))} failed trials"
+    else:
+        why = "its workers stopped"
+    return (
+        f"sweep {s.study_name} ended short: {done} of {s.n_trials} trials finished ({why}); "
+        "run the same command again to continue"
+    )
 
 
 def show_front(front: pd.DataFrame, progress: SweepProgress) -> None:

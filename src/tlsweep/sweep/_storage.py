@@ -17,7 +17,11 @@ import contextlib
 import copy
 import fcntl
 import hashlib
+import json
+import os
+import socket
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import optuna
@@ -26,6 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tlsweep import tracking
 from tlsweep.errors import UserError
+from tlsweep.redaction import redact_url
 from tlsweep.sweep import _samplers
 from tlsweep.sweep._common import FAIL_REASON_ATTR, RUN_ID_ATTR, WORKER_ATTR
 from tlsweep.sweepspec import SweepSettings, SweepSpec
@@ -33,6 +38,8 @@ from tlsweep.sweepspec import SweepSettings, SweepSpec
 DEFAULT_STORAGE = Path("mlruns") / "optuna.db"
 DEFAULT_JOURNAL = Path("mlruns") / "optuna.journal"
 SESSIONS_ATTR = "tlsweep_sessions"  # how many processes have opened the study
+EXPERIMENT_ATTR = "tlsweep_experiment"  # the base and search space it was started with
+UNRELATED_KEYS = ("cache.", "tracking.")  # base keys that may change between runs of a study
 
 
 def storage_url(settings: SweepSettings, workers: int = 1) -> str:
@@ -50,13 +57,21 @@ def storage_url(settings: SweepSettings, workers: int = 1) -> str:
     if workers == 1:
         return sqlite
     if DEFAULT_STORAGE.is_file() and settings.study_name in _names(sqlite):
-        optuna.copy_study(
-            from_study_name=settings.study_name,
-            from_storage=open_storage(sqlite),
-            to_storage=open_storage(journal),
-        )
-        optuna.delete_study(study_name=settings.study_name, storage=open_storage(sqlite))
+        _move_study(settings.study_name, sqlite, journal)
     return journal
+
+
+def _move_study(name: str, source_url: str, target_url: str) -> None:
+    """Copy the study ``name`` to the target storage and delete it from the source, under the
+    source's study lock: of several supervisors starting at once, one moves it."""
+    source = open_storage(source_url)
+    with StudyLock(source, source_url, name).held():
+        if name not in _names(source_url, source):  # moved meanwhile
+            return
+        optuna.copy_study(
+            from_study_name=name, from_storage=source, to_storage=open_storage(target_url)
+        )
+        optuna.delete_study(study_name=name, storage=source)
 
 
 def open_storage(url: str, settings: SweepSettings | None = None) -> optuna.storages.BaseStorage:
@@ -75,7 +90,7 @@ def open_storage(url: str, settings: SweepSettings | None = None) -> optuna.stor
         return _rdb_storage(url, settings)
     except Exception as exc:
         reason = " ".join(str(exc).split())[:200]
-        raise UserError(f"cannot open sweep.storage {tracking.redact(url)}: {reason}") from None
+        raise UserError(f"cannot open sweep.storage {redact_url(url)}: {reason}") from None
 
 
 def _rdb_storage(
@@ -127,6 +142,7 @@ def open_study(
             f"sweep.objectives={dict(s.objective_pairs)} would corrupt it; "
             "use another sweep.study_name"
         )
+    _check_experiment(study, spec)
     if study.metric_names is None:
         study.set_metric_names(s.objective_names)
     elif len(directions) > 1 and study.metric_names != s.objective_names:
@@ -136,6 +152,55 @@ def open_study(
             "use another sweep.study_name"
         )
     return study
+
+
+def experiment_of(spec: SweepSpec) -> dict[str, dict[str, object]]:
+    """What makes a study one experiment: the base every trial starts from and the search
+    space. Where features are cached and where runs are tracked (``cache.*``, ``tracking.*``)
+    change no result and may differ from one run of the sweep to the next."""
+    base = dict(override.split("=", 1) for override in spec.base if "=" in override)
+    kept = {k: v for k, v in base.items() if not k.lstrip("+~").startswith(UNRELATED_KEYS)}
+    space = {d.key: {k: v for k, v in asdict(d).items() if k != "key"} for d in spec.space}
+    return {"base": kept, "search_space": json.loads(json.dumps(space, default=str))}
+
+
+def _check_experiment(study: optuna.Study, spec: SweepSpec) -> None:
+    """Record the study's experiment when it starts; refuse to run another one in it."""
+    current = experiment_of(spec)
+    started = study.user_attrs.get(EXPERIMENT_ATTR)
+    if started is None:  # a new study (or one started before tlsweep recorded this)
+        study.set_user_attr(EXPERIMENT_ATTR, current)
+        return
+    if started == current:
+        return
+    name = spec.settings.study_name
+    raise UserError(
+        f"study {name} was started with {_first_difference(started, current)}; one study is one "
+        f"experiment: start a new one with sweep.study_name={name}-2, or run the sweep as it was "
+        "started"
+    )
+
+
+def _first_difference(started: dict, current: dict) -> str:
+    for part, label in (("search_space", "search space"), ("base", "base")):
+        before, now = started.get(part, {}), current.get(part, {})
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) != now.get(key):
+                was = _shown(part, before.get(key))
+                return f"{label} {key}={was}, this sweep has {_shown(part, now.get(key))}"
+    return "another base or search space"
+
+
+def _shown(part: str, value: object) -> str:
+    if value is None:
+        return "none"
+    if part == "base":
+        return str(value)
+    spec = dict(value)  # type: ignore[call-overload]
+    if spec.get("kind") == "categorical":
+        return f"choice({', '.join(map(str, spec['choices']))})"
+    log = ", log" if spec.get("log") else ""
+    return f"{spec.get('kind')} in [{spec.get('low')}, {spec.get('high')}]{log}"
 
 
 def _describe(study: optuna.Study) -> dict[str, str] | list[str]:
@@ -161,7 +226,7 @@ def load_study(study_name: str, storage: str | None = None) -> optuna.Study:
         if study_name in _names(url, store):
             return optuna.load_study(study_name=study_name, storage=store)
     known = ", ".join(study_names(storage)) or "none yet"
-    where = tracking.redact(storage) if storage else "mlruns/"
+    where = redact_url(storage) if storage else "mlruns/"
     raise UserError(f"no sweep named '{study_name}' in {where}; known: {known}")
 
 
@@ -233,9 +298,12 @@ class RetryLostTrial:
         _close_lost_run(trial, "its worker stopped sending heartbeats")
 
 
-def fail_lost_trials(study: optuna.Study, worker: str, reason: str, max_retry: int) -> list[int]:
-    """Fail the trials ``worker`` was running (it died), close their runs, queue retries the
-    way Optuna's heartbeat callback does (a WAITING copy with the same parameters)."""
+def fail_lost_trials(
+    study: optuna.Study, worker: str | None, reason: str, max_retry: int
+) -> list[int]:
+    """Fail the trials ``worker`` was running (it died; None: trials that recorded no worker),
+    close their runs, queue retries the way Optuna's heartbeat callback does (a WAITING copy
+    with the same parameters)."""
     lost = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -250,6 +318,77 @@ def fail_lost_trials(study: optuna.Study, worker: str, reason: str, max_retry: i
         retry(study, _retry_template(study.trials[trial.number]))
         _close_lost_run(trial, reason)
     return [t.number for t in lost]
+
+
+def fail_dead_trials(study: optuna.Study, max_retry: int) -> list[int]:
+    """Fail, close and queue again the RUNNING trials whose process is gone. Call it while
+    holding the study lock.
+
+    Two kinds are found without waiting for heartbeats (which a journal file does not have):
+    trials whose worker (``host:pid``, recorded as a trial starts) is a process of this
+    machine that no longer exists (killed, out of memory, the machine restarted), and trials
+    with no worker at all. A process asks for a trial and records itself on it while holding
+    the lock, so a trial seen without a worker by the lock's holder was left by a process that
+    died in between. Other machines' trials are left to heartbeats (PostgreSQL).
+    """
+    host, me = socket.gethostname(), os.getpid()
+    dead: set[str] = set()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get(WORKER_ATTR)
+        machine, _, pid = (worker or "").rpartition(":")
+        if not worker or (machine == host and pid.isdigit() and not _alive(int(pid), me)):
+            dead.add(worker or "")
+    lost: list[int] = []
+    for worker in sorted(dead):
+        reason = f"its worker {worker} is gone" if worker else "its worker died as it started"
+        lost += fail_lost_trials(study, worker or None, reason, max_retry)
+    return lost
+
+
+def reconcile_runs(study: optuna.Study, parent_run_id: str) -> list[str]:
+    """End the MLflow runs left RUNNING although their trial has ended: FINISHED for the run
+    of a finished trial, FAILED otherwise (a process stopped between creating its run and
+    recording it on the trial, or the tracking server was unreachable when the trial ended).
+    Runs of trials still running are left alone. Returns the run ids it ended."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    ended = []
+    for run_id, number in tracking.running_children(parent_run_id):
+        trial = trials.get(number) if number is not None else None
+        if trial is not None and trial.state in (TrialState.RUNNING, TrialState.WAITING):
+            continue
+        finished = (
+            trial is not None
+            and trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            and trial.user_attrs.get(RUN_ID_ATTR) == run_id
+        )
+        if finished:
+            tracking.finish_run(run_id)
+        else:
+            state = trial.state.name if trial is not None else "unknown"
+            tracking.close_lost_run(run_id, f"trial {number} ended ({state}) with this run open")
+        ended.append(run_id)
+    return ended
+
+
+def _alive(pid: int, me: int) -> bool:
+    if pid == me:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
+def retry_interrupted(study: optuna.Study, number: int, max_retry: int) -> None:
+    """Queue a copy of trial ``number``, which a signal is interrupting, as a lost trial's is
+    queued: the next process to ask for a trial runs the same values again."""
+    trial = study.get_trials(deepcopy=False)[number]
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(
+        study, _retry_template(trial)
+    )
 
 
 def _retry_template(trial: FrozenTrial) -> FrozenTrial:

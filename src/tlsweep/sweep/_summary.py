@@ -16,16 +16,19 @@ from typing import Any
 
 import optuna
 import pandas as pd
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from tlsweep import report, tracking
 from tlsweep.backbones import BackboneCache
+from tlsweep.config import ComposedBase, Config
 from tlsweep.errors import UserError
 from tlsweep.experiment import materialize_model
+from tlsweep.redaction import redact, redact_url
 from tlsweep.report import STATE_ORDER
 from tlsweep.sweep._common import FAIL_REASON_ATTR, PARENT_RUN_ATTR, RUN_ID_ATTR, count
+from tlsweep.sweep._objective import monitor_override, trial_configs
 from tlsweep.sweep._storage import load_study
-from tlsweep.sweepspec import EPOCH_METRICS, Dimension, SweepSpec
+from tlsweep.sweepspec import EPOCH_METRICS, Dimension, SweepSpec, param_overrides
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,22 @@ class SweepSummary:
     best_value: float | None
     champion_uri: str | None
     pareto_front: pd.DataFrame | None = None  # multi-objective sweeps: the front, with aliases
+    shortfall: str | None = None  # why the study ended short of n_trials, if it did
+
+
+def trial_config(
+    spec: SweepSpec, trial: FrozenTrial, configs: ComposedBase | None = None
+) -> Config:
+    """The config ``trial`` trained, composed here from the sweep in hand (as its trial did)
+    rather than read back from the tracking store. ``configs``: the sweep's base, composed."""
+    overrides = [*param_overrides(trial.params), monitor_override(spec.settings.metric)]
+    return (configs or trial_configs(spec)).load(overrides)
+
+
+def _reason(trial: FrozenTrial) -> str | None:
+    """A failed trial's reason, scrubbed of secrets (studies written before tlsweep did)."""
+    reason = trial.user_attrs.get(FAIL_REASON_ATTR)
+    return None if reason is None else redact(str(reason))
 
 
 def summarize(
@@ -79,7 +98,7 @@ def summarize(
         {"best_value": best.value, **_test_metrics(row)},
     )
     champion = None
-    if best_run and materialize_model(best_run, backbones):
+    if best_run and materialize_model(best_run, backbones, trial_config(spec, best)):
         champion = tracking.register_champion(best_run, s.study_name)
     return SweepSummary(s.study_name, parent_run_id, board, best_run, best.value, champion)
 
@@ -97,10 +116,11 @@ def _summarize_front(
     champion = _best_trial(study)
     if champion is None:
         return SweepSummary(s.study_name, parent_run_id, board, None, None, None)
+    configs = trial_configs(spec)  # the base, composed once for every member
     aliases: dict[str, str] = {}
     for rank, trial in enumerate(front, 1):
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        if run_id and materialize_model(run_id, backbones):
+        if run_id and materialize_model(run_id, backbones, trial_config(spec, trial, configs)):
             aliases[f"pareto-{rank}"] = run_id
     champion_run = champion.user_attrs.get(RUN_ID_ATTR)
     if champion_run in aliases.values():
@@ -192,7 +212,7 @@ def leaderboard(study: optuna.Study, parent_run_id: str | None = None) -> pd.Dat
                 **t.params,
                 "duration_s": t.duration.total_seconds() if t.duration else None,
                 "run_id": t.user_attrs.get(RUN_ID_ATTR),
-                "reason": t.user_attrs.get(FAIL_REASON_ATTR),
+                "reason": _reason(t),
             }
         )
     trials = pd.DataFrame(rows)
@@ -226,7 +246,7 @@ def _multi_objective_leaderboard(
                 **t.params,
                 "duration_s": t.duration.total_seconds() if t.duration else None,
                 "run_id": t.user_attrs.get(RUN_ID_ATTR),
-                "reason": t.user_attrs.get(FAIL_REASON_ATTR),
+                "reason": _reason(t),
             }
         )
     frame = pd.DataFrame(rows)
@@ -397,7 +417,7 @@ def _test_metrics(row: Mapping[str, Any]) -> dict[str, float]:
 def parent_tags(spec: SweepSpec, url: str) -> dict[str, str]:
     s = spec.settings
     tags = {f"sweep.{key}": str(value) for key, value in vars(s).items() if key != "storage"}
-    tags["sweep.storage"] = tracking.redact(url)
+    tags["sweep.storage"] = redact_url(url)
     tags["sweep.base"] = " ".join(spec.base)
     for dim in spec.space:
         tags[f"space.{dim.key}"] = _describe(dim)

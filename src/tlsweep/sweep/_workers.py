@@ -10,22 +10,27 @@ still needs trials. When every worker has exited, the supervisor summarises the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tlsweep import backend, tracking
+from tlsweep import backend, interrupts, tracking
+from tlsweep.errors import UserError
 from tlsweep.progress import SweepProgress
 from tlsweep.sweep._run import Session, default_progress, finish, finished, open_session
 from tlsweep.sweep._storage import fail_lost_trials
 from tlsweep.sweep._summary import SweepSummary
-from tlsweep.sweepspec import SweepSpec, to_override
+from tlsweep.sweepspec import WORKER_STORAGE_ENV, SweepSpec
 
-INTERRUPTED = 130
+INTERRUPTING = {int(signum) for signum in interrupts.SIGNALS}  # exit code - 128 of a worker
+STOP_GRACE = 30.0  # seconds a worker has to close its trial and run once asked to stop
+MAX_BACKOFF = 30.0  # seconds before a dead worker's slot is started again, at most
 
 
 @dataclass
@@ -51,20 +56,22 @@ def run_workers(
 ) -> SweepSummary:
     """Run the sweep with ``workers`` local processes (one per GPU when ``gpus`` is given)."""
     slots = worker_slots(workers, gpus)
-    session = open_session(spec, workers=max(len(slots), 2))  # refuses bad data, settings...
+    session = open_session(spec, workers=max(len(slots), 2), trains=False)  # refuses bad data...
     session.data.clear()  # ...but the supervisor trains nothing: the workers load their own
     progress = progress or default_progress(spec)
     progress.started(spec.settings.study_name, done=min(finished(session), spec.settings.n_trials))
-    command = worker_command(sweep_args, session.url)
-    running = {
-        w.process.pid: w
-        for w in (_start(command, i, gpu, sharing) for i, (gpu, sharing) in enumerate(slots))
-    }
+    command = worker_command(sweep_args)
+
+    def start(slot: int, gpu: str | None, sharing: int) -> Worker:
+        env = worker_env(gpu, slot, sharing, storage=session.url)
+        return Worker(slot, gpu, _spawn(command, env), sharing)
+
+    running = {w.process.pid: w for w in (start(i, *slot) for i, slot in enumerate(slots))}
     try:
         with tracking.guard_run(session.parent_run_id, end=False):
-            _supervise(session, command, running)
-    except KeyboardInterrupt:
-        _stop_all(running)
+            _supervise(session, start, running)
+    except BaseException:  # Ctrl-C, SIGTERM or SIGHUP, here or in a worker; a refusal...
+        _stop_all(session, running)
         raise
     return finish(session, progress)
 
@@ -78,35 +85,50 @@ def worker_slots(workers: int, gpus: Sequence[str] = ()) -> list[tuple[str | Non
     return [(gpu, sharing[gpu]) for gpu in gpus]
 
 
-def worker_command(sweep_args: Sequence[str], url: str) -> list[str]:
-    """The command line of one worker: the same sweep, the storage the supervisor resolved."""
-    return [
-        sys.executable,
-        "-m",
-        "tlsweep.cli",
-        "sweep",
-        *sweep_args,
-        to_override("sweep.storage", url),
-        "--worker",
-    ]
+def worker_command(sweep_args: Sequence[str]) -> list[str]:
+    """The command line of one worker: the same sweep. The storage it joins comes in its
+    environment (`WORKER_STORAGE_ENV`), never on a command line that ``ps`` shows with its password:
+    a ``sweep.storage=`` the user typed is dropped here."""
+    kept = [arg for arg in sweep_args if not arg.lstrip("+").startswith("sweep.storage=")]
+    return [sys.executable, "-m", "tlsweep.cli", "sweep", *kept, "--worker"]
 
 
-def worker_env(gpu: str | None, slot: int, sharing: int = 1) -> dict[str, str]:
-    """A worker's environment: its label, its GPU, and its share of the GPU's memory when
-    ``sharing`` workers run on that GPU."""
+def worker_env(
+    gpu: str | None, slot: int, sharing: int = 1, storage: str | None = None
+) -> dict[str, str]:
+    """A worker's environment: its label, its GPU, its share of the GPU's memory when
+    ``sharing`` workers run on that GPU, and the storage the supervisor resolved."""
     env = dict(os.environ, TLSWEEP_WORKER_LABEL=f"[w{slot}] ", PYTHONUNBUFFERED="1")
     env.update(backend.worker_environment(gpu, sharing))
+    if storage is not None:
+        env[WORKER_STORAGE_ENV] = storage
     return env
 
 
-def _start(command: list[str], slot: int, gpu: str | None, sharing: int = 1) -> Worker:
-    env = worker_env(gpu, slot, sharing)
-    return Worker(slot, gpu, subprocess.Popen(command, env=env), sharing)
+def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, env=env, preexec_fn=_terminate_with_parent)
 
 
-def _supervise(session: Session, command: list[str], running: dict[int, Worker]) -> None:
-    """Wait for workers; replace one that died while the study still needs trials."""
+def _terminate_with_parent() -> None:
+    """In a new worker, before it runs: have Linux send it SIGTERM if the supervisor dies
+    (even by SIGKILL), so that it closes its trial instead of running on as an orphan."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _supervise(
+    session: Session, start: Callable[[int, str | None, int], Worker], running: dict[int, Worker]
+) -> None:
+    """Wait for workers; replace one that died while the study still needs trials, after
+    1, 2, 4... seconds (at most `MAX_BACKOFF`), and at most ``max(3, n_trials)`` times in all
+    (a worker that dies at every start must not spin). A worker that refused the sweep (bad
+    input, exit code 2) stops them all."""
     s = session.spec.settings
+    restarts: dict[int, int] = {}
+    max_restarts = max(3, s.n_trials)
     while running:
         pid, status = os.wait()
         worker = running.pop(pid, None)
@@ -114,23 +136,39 @@ def _supervise(session: Session, command: list[str], running: dict[int, Worker])
             continue
         code = os.waitstatus_to_exitcode(status)
         worker.process.returncode = code
-        if code == INTERRUPTED:
-            raise KeyboardInterrupt
+        if code - 128 in INTERRUPTING:  # it was interrupted (and closed its trial): stop all
+            raise interrupts.Interrupted(code - 128)
+        if code == UserError.exit_code:  # it refused the sweep (its one-line error is above)
+            raise UserError(f"worker {worker.id} refused the sweep (exit code {code})")
         if code != 0:
             reason = f"worker {worker.id} died (exit code {code})"
             lost = fail_lost_trials(session.study, worker.id, reason, s.max_retry)
             print(f"{reason}; trials {lost or 'none'} failed and queued for retry", flush=True)
             if finished(session) < s.n_trials:
-                replacement = _start(command, worker.slot, worker.gpu, worker.sharing)
+                restarts[worker.slot] = restarts.get(worker.slot, 0) + 1
+                if sum(restarts.values()) > max_restarts:
+                    raise RuntimeError(f"workers died {sum(restarts.values())} times; stopping")
+                time.sleep(min(MAX_BACKOFF, 2 ** (restarts[worker.slot] - 1)))
+                replacement = start(worker.slot, worker.gpu, worker.sharing)
                 running[replacement.process.pid] = replacement
 
 
-def _stop_all(running: dict[int, Worker], grace: float = 30.0) -> None:
-    """After Ctrl-C: workers in this terminal got the signal too and are closing their runs;
-    give them ``grace`` seconds, then interrupt those still going."""
+def _stop_all(session: Session, running: dict[int, Worker], grace: float = STOP_GRACE) -> None:
+    """Interrupt every worker still running and wait for them: each fails its trial (queued
+    again), ends its run KILLED and exits. SIGTERM is what they are sent: those that had the
+    signal already (a terminal's Ctrl-C, a scheduler signalling the process group) ignore a
+    second one and finish their clean-up. A worker still running after ``grace`` seconds is
+    killed, and its trial failed, closed and queued here. No worker outlives the supervisor."""
+    for worker in running.values():
+        with contextlib.suppress(ProcessLookupError):
+            worker.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
     for worker in running.values():
         try:
-            worker.process.wait(timeout=grace)
+            worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            worker.process.send_signal(signal.SIGINT)
+            worker.process.kill()
             worker.process.wait()
+        if worker.process.returncode - 128 not in INTERRUPTING:  # it could not clean up
+            reason = f"worker {worker.id} stopped (exit code {worker.process.returncode})"
+            fail_lost_trials(session.study, worker.id, reason, session.spec.settings.max_retry)

@@ -1,0 +1,60 @@
+"""Termination signals end a tlsweep process the way Ctrl-C does.
+
+Schedulers preempt with SIGTERM (``scancel``, ``docker stop``, systemd, Kubernetes), and a
+closed terminal sends SIGHUP. Their default action kills the process on the spot, leaving its
+trial RUNNING in the study and its MLflow run RUNNING forever. `install` turns SIGINT, SIGTERM
+and SIGHUP into `Interrupted` (a ``KeyboardInterrupt``) raised in the main thread, so that the
+same clean-up runs for all three: the trial is failed and queued again, its run ends KILLED,
+the parent run can be resumed, and the process exits with 128 + the signal's number.
+
+Only the first signal interrupts: the clean-up that follows it must not be cut short by the
+second copy a process group receives (the supervisor forwards the signal to its workers,
+which may have had it already). A second Ctrl-C still stops a process that hangs.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A termination signal arrived: ``signum`` is which one."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        self.signum = int(signum)
+        super().__init__(self.description)
+
+    @property
+    def description(self) -> str:
+        """``Ctrl-C`` for SIGINT, else the signal's name (``SIGTERM``, ``SIGHUP``)."""
+        return "Ctrl-C" if self.signum == signal.SIGINT else signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def install() -> None:
+    """Make SIGINT, SIGTERM and SIGHUP raise `Interrupted` in this process's main thread."""
+    for signum in SIGNALS:
+        signal.signal(signum, _interrupt)
+
+
+def description(exc: BaseException) -> str:
+    """How an interruption came: ``Ctrl-C``, ``SIGTERM``, ``SIGHUP``."""
+    return exc.description if isinstance(exc, Interrupted) else "Ctrl-C"
+
+
+def exit_code(exc: BaseException) -> int:
+    """128 + the signal's number (130 for a plain ``KeyboardInterrupt``)."""
+    return exc.exit_code if isinstance(exc, Interrupted) else 128 + signal.SIGINT
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up runs to its end...
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # ...unless Ctrl-C is pressed again
+    raise Interrupted(signum)
