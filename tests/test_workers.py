@@ -284,6 +284,17 @@ def _assert_one_to_one(study: optuna.Study, client: mlflow.MlflowClient, n_trial
     assert parent.info.status == "FINISHED"
 
 
+def _sweep_with_two_workers(path: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TLSWEEP, "sweep", str(path), "--workers", "2"],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
 @pytest.mark.slow
 def test_local_workers_share_one_study_exactly(
     tmp_path: Path, write_sweep: Callable[..., Path]
@@ -293,14 +304,7 @@ def test_local_workers_share_one_study_exactly(
         {"head.dropout": "interval(0.0, 0.5)"},
         {"study_name": "tiny", "storage": None, "n_trials": 4},
     )
-    done = subprocess.run(
-        [*TLSWEEP, "sweep", str(path), "--workers", "2"],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = _sweep_with_two_workers(path, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
 
     study = _journal_study(tmp_path)
@@ -420,14 +424,7 @@ def test_sigterm_stops_every_worker_cleanly_and_the_sweep_resumes(
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     assert parent.info.status == "KILLED"
 
-    resumed = subprocess.run(
-        [*TLSWEEP, "sweep", str(path), "--workers", "2"],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    resumed = _sweep_with_two_workers(path, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     study = _journal_study(tmp_path)
     _assert_one_to_one(study, client, n_trials=4)
