@@ -40,6 +40,7 @@ bench: $(STAMP)  ## benchmarks (not part of the tests); figures go to bench/RESU
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.load
 	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.memory
 	$(BIN)/python -m bench.gpu --images 200 --size 64 --epochs 2  # on a GPU: no arguments
 
 ui: $(STAMP)

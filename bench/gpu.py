@@ -156,10 +156,9 @@ def _storage_of(path: Path) -> str:
     storage = settings["storage"]
     journal = path.parent / "optuna.journal"
     if journal.exists():  # several workers moved the study to a journal file
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+        from tlsweep.sweep._storage import journal_storage
 
-        return JournalStorage(JournalFileBackend(str(journal)))
+        return journal_storage(journal)
     return storage
 
 

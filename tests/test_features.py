@@ -17,6 +17,7 @@ import pytest
 from tlsweep import features
 from tlsweep.config import CacheConfig, Config, load_config
 from tlsweep.data import ImageData, Split, load_data
+from tlsweep.errors import UserError
 from tlsweep.features import (
     FeatureStore,
     cached_features,
@@ -214,9 +215,9 @@ def test_blocks_are_written_as_they_come(store: FeatureStore) -> None:
 def test_a_failed_pass_leaves_neither_entry_nor_temporary_file(store: FeatureStore) -> None:
     def failing() -> Iterator[np.ndarray]:
         yield features_array(0, rows=10)
-        raise OSError(28, "No space left on device")
+        raise OSError(5, "Input/output error")  # a failing disk (a full one: see below)
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="Input/output error"):
         store.get_or_compute("k1", (30, 32), failing, {})
     assert store.load("k1") is None
     assert sorted(p.name for p in store.directory.iterdir()) == ["k1.lock"]
@@ -242,6 +243,20 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_writer(
     assert not stale.exists()
     assert other.exists()
     assert [e.key for e in store.entries()] == ["k1"]
+
+
+def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(small_filesystem: Path) -> None:
+    store = FeatureStore(small_filesystem / "cache", max_bytes=10**9)
+    rows = np.ones((64, 1024), "float32")  # 256 KB a block: the disk fills in the second
+
+    with pytest.raises(UserError) as exc:
+        store.get_or_compute("k1", (640, 1024), lambda: [rows] * 10, {})
+
+    message = str(exc.value)
+    assert message.startswith(f"no space left in the feature cache {store.directory}")
+    assert "\n" not in message
+    assert store.load("k1") is None
+    assert sorted(p.name for p in store.directory.iterdir()) == ["k1.lock"]  # no temporary
 
 
 def test_from_config(tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ from tlsweep.model import (
     augmentation_layers,
     backbone_of,
     build_classifier,
+    build_trunk,
+    head_of,
     make_optimizer,
     parameter_counts,
     training_model,
@@ -346,3 +348,24 @@ def test_no_augmentation_trains_the_classifier_itself(make_config: Callable[...,
     cfg = _augmenting(make_config)
     classifier = _build(cfg)
     assert training_model(classifier, cfg.augment, cfg.seed) is classifier
+
+
+def test_classifiers_on_a_reused_trunk_let_earlier_ones_go(
+    make_config: Callable[..., Config],
+) -> None:
+    """A sweep builds every trial's head on one symbolic trunk; an earlier trial's head (and
+    the training functions compiled on it) must not stay reachable through the trunk."""
+    import gc
+    import weakref
+
+    cfg = make_config()
+    trunk = build_trunk(
+        cfg.backbone, cfg.head.pooling, backbone_of(build_classifier(cfg.backbone, cfg.head, 3))
+    )
+    earlier = build_classifier(cfg.backbone, cfg.head, 3, trunk=trunk)
+    earlier_head = weakref.ref(head_of(earlier))  # what a cached trial compiles and fits
+    del earlier
+    latest = build_classifier(cfg.backbone, cfg.head, 3, trunk=trunk)
+    gc.collect()
+    assert earlier_head() is None
+    assert latest.predict(np.zeros((1, 32, 32, 3), "float32"), verbose=0).shape == (1, 3)

@@ -211,6 +211,51 @@ def test_runs_left_running_by_ended_trials_are_closed(tmp_path: Path) -> None:
     assert reconcile_runs(study, parent) == []
 
 
+def test_a_torn_journal_line_is_cut_and_the_study_loads(tmp_path: Path) -> None:
+    """A write cut short (a full disk) leaves half a line at the end of the journal; Optuna
+    would join the next line to it and then fail to read the file at all."""
+    path = tmp_path / "j.journal"
+    study = optuna.create_study(study_name="torn", storage=open_storage(f"journal://{path}"))
+    study.add_trial(optuna.trial.create_trial(value=0.5))
+    complete = path.read_bytes()
+    path.write_bytes(complete + b'{"op_code": 5, "worker_id": "x", "trial_id": 0, "par')
+
+    again = optuna.load_study(study_name="torn", storage=open_storage(f"journal://{path}"))
+    again.add_trial(optuna.trial.create_trial(value=0.7))  # appended after the cut
+
+    assert path.read_bytes().startswith(complete)
+    reread = optuna.load_study(study_name="torn", storage=open_storage(f"journal://{path}"))
+    assert [t.value for t in reread.trials] == [0.5, 0.7]
+
+
+def test_a_killed_writer_leaves_no_journal_lock_behind(tmp_path: Path) -> None:
+    """Optuna's own lock file outlives a process killed while appending, and stalls every
+    other process for 30 s; the kernel drops an flock with its holder."""
+    journal = tmp_path / "j.journal"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, pathlib\n"
+            "from tlsweep.sweep._storage import JournalFlock\n"
+            f"lock = JournalFlock(pathlib.Path({str(journal)!r}))\n"
+            "lock.acquire()\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    with Path(f"{journal}.flock").open("a") as handle:
+        with pytest.raises(BlockingIOError):  # held...
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.kill()
+        holder.wait()
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ...and free the moment it died
+
+
 def test_rdb_storages_beat_and_retry_lost_trials(tmp_path: Path) -> None:
     settings = SweepSettings(heartbeat_interval=7, grace_period=30, max_retry=2)
     storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}", settings)

@@ -130,6 +130,38 @@ def steps_per_execution(wanted: int) -> int:
     return 1 if name() == "torch" else wanted
 
 
+def clear_state(free_memory: bool = True) -> None:
+    """Start a run (a sweep's trial) afresh: ``keras.backend.clear_session``, and on
+    TensorFlow, the gradient functions that earlier runs' training registered for good.
+
+    Keras' TensorFlow optimizer sums gradients through ``tf.distribute``'s all-reduce, a
+    ``tf.custom_gradient`` that, traced in graph mode, registers a new gradient function in
+    TensorFlow's global registry; that function holds the whole traced training step (about
+    8 MB), so every model ever trained stayed in memory (17 MB a trial in a long sweep).
+    Nothing traced by an earlier run is differentiated again, so its entries can go. The
+    registry is private to TensorFlow (checked with 2.16 to 2.21); if it moves, nothing is
+    removed (``python -m bench.memory`` shows the growth then).
+    """
+    import keras
+
+    keras.backend.clear_session(free_memory=free_memory)
+    if name() == "tensorflow":
+        _forget_custom_gradients()
+
+
+def _forget_custom_gradients() -> int:
+    try:
+        from tensorflow.python.framework import ops
+
+        registry = ops._gradient_registry._registry
+    except (ImportError, AttributeError):
+        return 0
+    stale = [key for key in registry if str(key).startswith("CustomGradient-")]
+    for key in stale:
+        del registry[key]
+    return len(stale)
+
+
 def configure_devices(mixed_precision: bool) -> str:
     """Memory growth on TensorFlow's GPUs; mixed precision where a GPU exists (float16
     compute, float32 variables). Returns the device kind, ``gpu`` or ``cpu``."""

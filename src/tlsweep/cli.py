@@ -7,6 +7,7 @@ interrupted (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP: all three handled alike), 1 an
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import sys
@@ -86,10 +87,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         how = interrupts.description(exc)
         print("tlsweep: interrupted" + ("" if how == "Ctrl-C" else f" ({how})"), file=sys.stderr)
         return interrupts.exit_code(exc)
-    except Exception as exc:  # a bug or an outage: the traceback, without any password in it
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        print(redact(text), end="", file=sys.stderr)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _crashed(exc)
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"tlsweep: error: no space left on device{where}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a bug or an outage: the traceback, without any password in it
+        return _crashed(exc)
+
+
+def _crashed(exc: BaseException) -> int:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    print(redact(text), end="", file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

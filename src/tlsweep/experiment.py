@@ -16,7 +16,7 @@ import yaml
 
 from tlsweep import tracking
 from tlsweep.backbones import BackboneCache
-from tlsweep.backend import configure_devices, seed_everything
+from tlsweep.backend import clear_state, configure_devices, seed_everything
 from tlsweep.config import Config, to_config
 from tlsweep.data import ImageData, load_run_data
 from tlsweep.features import cached_features
@@ -57,7 +57,7 @@ def prepare(
     leaves little behind (a head, an optimizer), and a full collection among TensorFlow's
     objects costs about half a second."""
     reusing = backbones is not None and backbones.holds(cfg.backbone, cfg.seed)
-    keras.backend.clear_session(free_memory=not reusing)
+    clear_state(free_memory=not reusing)
     seed_everything(cfg.seed, cfg.train.deterministic)
     device = configure_devices(cfg.train.mixed_precision)
     data = load(cfg)
@@ -136,7 +136,7 @@ def materialize_model(
     if head_weights is None:
         return None
     cfg = cfg or to_config(yaml.safe_load(record["config_yaml"]))
-    keras.backend.clear_session()
+    clear_state()
     seed_everything(cfg.seed, cfg.train.deterministic)
     configure_devices(cfg.train.mixed_precision)
     backbone, digest = (backbones or BackboneCache(capacity=0)).get(cfg.backbone, cfg.seed)

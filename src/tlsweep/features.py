@@ -20,10 +20,12 @@ recomputed. Reads are memory-mapped; a size budget evicts the least recently use
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -38,6 +40,7 @@ from tlsweep import backend
 from tlsweep.backbones import custom_source_identity, preprocess_mode, weights_digest
 from tlsweep.config import CacheConfig, Config
 from tlsweep.data import RENDERING, ImageData, Split
+from tlsweep.errors import UserError
 from tlsweep.model import backbone_of, feature_extractor
 from tlsweep.pipeline import ImageBatches
 
@@ -180,6 +183,15 @@ class FeatureStore:
                 for block in blocks:
                     writer.append(block)
             temporary.replace(data_path)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                size = math.prod(shape) * self.dtype.itemsize / 1e6
+                raise UserError(
+                    f"no space left in the feature cache {self.directory} for a {size:.0f} MB "
+                    "entry; free some, or set cache.dir (or cache.max_gb, cache.dtype=float16)"
+                ) from None
+            raise
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise

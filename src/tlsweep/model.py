@@ -49,8 +49,28 @@ def build_classifier(
         backbone = backbone if backbone is not None else build_backbone(backbone_cfg)
         trunk = build_trunk(backbone_cfg, head_cfg.pooling, backbone)
     inputs, pooled = trunk
+    release_earlier_heads(pooled)
     head = build_head(pooled.shape[1:], head_cfg, num_classes)
     return keras.Model(inputs, head(pooled), name=f"{backbone_cfg.name}_classifier")
+
+
+def release_earlier_heads(pooled: keras.KerasTensor) -> int:
+    """Forget the heads that earlier trials built on a reused trunk; returns how many.
+
+    Calling a layer on a symbolic tensor records the call on the layer that made the tensor
+    (its outbound nodes), so a trunk reused across trials would keep every earlier trial's
+    head, classifier, optimizer and compiled functions alive through its pooling layer: about
+    24 MB per trial. Keras has no public way to drop those records; the attributes used here
+    are Keras' own (checked with 3.10 to 3.15), and where they are missing nothing is done
+    (tests/test_model.py fails loudly then).
+    """
+    history = getattr(pooled, "_keras_history", None)
+    nodes = getattr(getattr(history, "operation", None), "_outbound_nodes", None)
+    if not isinstance(nodes, list):
+        return 0
+    released = len(nodes)
+    nodes.clear()
+    return released
 
 
 def build_trunk(backbone_cfg: BackboneConfig, pooling: str, backbone: keras.Model) -> Trunk:

@@ -420,16 +420,17 @@ def register_champion(run_id: str, name: str, alias: str = "champion") -> str | 
     Returns ``models:/NAME@ALIAS``, or None when the run holds no model.
     """
     client = mlflow.MlflowClient()
-    model_uri = client.get_run(run_id).data.tags.get(MODEL_URI_TAG)
-    if not model_uri:
-        return None
     try:
         current = client.get_model_version_by_alias(name, alias)
     except mlflow.exceptions.MlflowException:
         current = None
-    if current is None or current.run_id != run_id:
-        version = mlflow.register_model(model_uri, name)
-        client.set_registered_model_alias(name, alias, version.version)
+    if current is not None and current.run_id == run_id:
+        return f"models:/{name}@{alias}"
+    # The run's existing version, if a process registered it and stopped before the alias.
+    version = _model_version_of_run(client, name, run_id)
+    if version is None:
+        return None
+    client.set_registered_model_alias(name, alias, version)
     return f"models:/{name}@{alias}"
 
 

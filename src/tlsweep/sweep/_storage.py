@@ -20,9 +20,11 @@ import hashlib
 import json
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import IO
 
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -84,13 +86,80 @@ def open_storage(url: str, settings: SweepSettings | None = None) -> optuna.stor
         if url.startswith("journal:"):
             path = Path(url.removeprefix("journal:").removeprefix("//")).expanduser()
             path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path)))
+            return journal_storage(path)
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         return _rdb_storage(url, settings)
     except Exception as exc:
         reason = " ".join(str(exc).split())[:200]
         raise UserError(f"cannot open sweep.storage {redact_url(url)}: {reason}") from None
+
+
+def journal_storage(path: Path) -> JournalStorage:
+    """Optuna's journal file at ``path``, locked with `JournalFlock`, a torn last line (a
+    write cut short by a full disk) cut off first."""
+    lock = JournalFlock(path)
+    with _held(lock):
+        _cut_torn_line(path)
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+
+
+class JournalFlock:
+    """The lock Optuna's journal backend takes to append: an ``flock`` on ``PATH.flock``.
+
+    Optuna's own symlink lock is a file that a process killed while holding it leaves
+    behind, and every other process then waits 30 s before breaking it; the kernel releases
+    an ``flock`` the moment its holder dies. (Every tlsweep process opens journals this way,
+    so they all take the same lock.)
+    """
+
+    def __init__(self, journal: Path) -> None:
+        self._path = Path(f"{journal}.flock")
+        self._handle: IO[str] | None = None
+        self._thread_lock = threading.Lock()  # one holder per process, too
+
+    def acquire(self) -> bool:
+        self._thread_lock.acquire()
+        handle = self._path.open("a")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        self._handle = handle
+        return True
+
+    def release(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+        self._thread_lock.release()
+
+
+@contextlib.contextmanager
+def _held(lock: JournalFlock) -> Iterator[None]:
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _cut_torn_line(path: Path) -> bool:
+    """Drop an incomplete last line of the journal: Optuna skips it while it is last, but the
+    next line appended would join it and make the whole journal unreadable."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb+") as handle:
+        handle.seek(-1, 2)
+        if handle.read(1) == b"\n":
+            return False
+        data_end = handle.seek(0, 2)
+        keep = max(0, data_end - 1)
+        while keep > 0:  # back to the last complete line
+            handle.seek(keep - 1)
+            if handle.read(1) == b"\n":
+                break
+            keep -= 1
+        handle.truncate(keep)
+    return True
 
 
 def _rdb_storage(
