@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -490,6 +491,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_PG_CTL: list[str] = []  # pg_ctl and its options for the module's server
+
+
+def pg_ctl(action: str) -> None:
+    """``pg_ctl start``, ``stop`` or ``restart`` (fast: connections dropped) on the server."""
+    mode = [] if action == "start" else ["-m", "fast"]
+    subprocess.run(_as_postgres([*_PG_CTL, *mode, "-w", action]), check=True, capture_output=True)
+
+
 def _as_postgres(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
@@ -528,23 +538,8 @@ def postgres() -> Iterator[str]:
         capture_output=True,
     )
     options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
-    subprocess.run(
-        _as_postgres(
-            [
-                str(bin_dir / "pg_ctl"),
-                "-D",
-                str(data),
-                "-o",
-                options,
-                "-l",
-                str(root / "log"),
-                "-w",
-                "start",
-            ]
-        ),
-        check=True,
-        capture_output=True,
-    )
+    _PG_CTL[:] = [str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log")]
+    pg_ctl("start")
     base = f"postgresql://tlsweep:{PASSWORD}@127.0.0.1:{port}"
     try:
         import sqlalchemy
@@ -766,3 +761,74 @@ def test_a_machine_lost_mid_trial_is_detected_by_heartbeat_and_its_trial_retried
     assert len(retries) == 1 and retries[0].state in FINISHED
     assert retries[0].params == lost[0].params
     _assert_one_to_one(study, client, n_trials=3)
+
+
+# Last in the module: it restarts the PostgreSQL server the tests above share.
+@pytest.mark.slow
+def test_postgres_restarted_and_stopped_mid_sweep_loses_nothing(
+    postgres: str, tmp_path: Path, write_sweep: Callable[..., Path]
+) -> None:
+    """Two workers on PostgreSQL: the server restarts under them, later stops for 45 s. They
+    wait it out (each says so once), none dies with a traceback, and the study ends with
+    exactly n_trials, none failed by stale heartbeats, one run per trial."""
+    storage = f"{postgres}/optuna"
+    path = _postgres_sweep(
+        write_sweep,
+        tmp_path,
+        storage,
+        "outage",
+        8,
+        heartbeat=(2, 8),
+        base={"train.epochs": 150, "train.early_stopping.patience": None},
+    )
+    supervisor = subprocess.Popen(
+        [*TLSWEEP, "sweep", str(path), "--workers", "2"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(supervisor.stdout or []), daemon=True)
+    reader.start()
+
+    store = open_storage(storage)  # a patient storage: it outlives the restart below
+
+    def completed() -> int:
+        try:
+            study = optuna.load_study(study_name="outage", storage=store)
+        except KeyError:  # not created yet
+            return 0
+        return len(study.get_trials(states=(TrialState.COMPLETE,)))
+
+    def wait_for(trials: int) -> None:
+        deadline = time.monotonic() + 300
+        while completed() < trials:
+            assert supervisor.poll() is None, "".join(output)[-3000:]
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.5)  # polling the study for progress, not waiting for time to pass
+
+    try:
+        wait_for(1)
+        pg_ctl("restart")  # every connection dropped mid-trial
+        wait_for(completed() + 1)
+        pg_ctl("stop")
+        time.sleep(45)  # the outage itself
+        pg_ctl("start")
+        supervisor.wait(timeout=600)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+        reader.join(timeout=10)
+    text = "".join(output)
+    assert supervisor.returncode == 0, text[-3000:]
+    assert "Traceback" not in text and "died" not in text, text[-3000:]
+    assert "the study's database is unreachable" in text
+    assert "the study's database is reachable again" in text
+
+    study = optuna.load_study(study_name="outage", storage=storage)
+    assert len(study.trials) == 8  # none lost, failed or doubled
+    assert all(t.state in FINISHED for t in study.trials), [t.state for t in study.trials]
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    _assert_one_to_one(study, client, n_trials=8)

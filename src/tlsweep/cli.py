@@ -60,7 +60,8 @@ arguments after NAME:
                            {val_accuracy: maximize, latency_ms: minimize}), sampler (tpe
                            random grid cmaes gp qmc nsga2 nsga3), sampler_options, seed, pruner
                            (median hyperband successive_halving none), pruner_options,
-                           n_trials, timeout, storage
+                           n_trials, timeout, storage, storage_patience, heartbeat_interval,
+                           grace_period, max_retry
   KEY=choice(a,b) | range(a,b,step=s) | interval(a,b) | int(interval(a,b)) | tag(log,interval(a,b))
                            add or replace a search dimension (Hydra's sweep grammar)
   KEY=VALUE                a base override for every trial (fixes KEY if it was searched)

@@ -75,6 +75,7 @@ class SweepSettings:
     heartbeat_interval: int = 20  # seconds between a running trial's heartbeats (RDB storages)
     grace_period: int | None = None  # silence after which a trial is lost; null: 4 heartbeats
     max_retry: int = 2  # how often a lost trial (dead worker) is retried
+    storage_patience: float = 300  # seconds to wait out an unreachable database mid-sweep
     latency_warmup: int = 5  # untimed calls before timing latency_ms
     latency_repeats: int = 30  # timed calls at batch 1; latency_ms is their median
 
@@ -248,6 +249,10 @@ def validate_sweep(spec: SweepSpec) -> None:
         raise UserError("sweep.heartbeat_interval and sweep.grace_period must be >= 1 second")
     if s.max_retry < 0:
         raise UserError(f"sweep.max_retry={s.max_retry} is not allowed: must be >= 0")
+    if s.storage_patience < 0:
+        raise UserError(
+            f"sweep.storage_patience={s.storage_patience} is not allowed: seconds, >= 0"
+        )
     if s.timeout is not None and s.timeout <= 0:
         raise UserError(f"sweep.timeout={s.timeout} is not allowed: seconds > 0, or null")
     if s.latency_warmup < 0 or s.latency_repeats < 1:

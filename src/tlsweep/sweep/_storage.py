@@ -21,6 +21,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -35,8 +36,10 @@ from tlsweep.errors import UserError
 from tlsweep.redaction import redact_url
 from tlsweep.sweep import _samplers
 from tlsweep.sweep._common import FAIL_REASON_ATTR, RUN_ID_ATTR, WORKER_ATTR
+from tlsweep.sweep._patience import is_connection_error, patient
 from tlsweep.sweepspec import SweepSettings, SweepSpec
 
+LOCK_TIMEOUT = 600.0  # seconds a process waits for the study lock before reporting a fault
 DEFAULT_STORAGE = Path("mlruns") / "optuna.db"
 DEFAULT_JOURNAL = Path("mlruns") / "optuna.journal"
 SESSIONS_ATTR = "tlsweep_sessions"  # how many processes have opened the study
@@ -164,17 +167,23 @@ def _cut_torn_line(path: Path) -> bool:
 
 def _rdb_storage(
     url: str, settings: SweepSettings, attempts: int = 3
-) -> optuna.storages.RDBStorage:
-    """RDBStorage with heartbeats. Workers starting together on a fresh database race to create
-    Optuna's tables; the loser's error ("already exists") just means they now exist: retry."""
+) -> optuna.storages.BaseStorage:
+    """RDBStorage with heartbeats, made patient with database outages (`_patience`). Workers
+    starting together on a fresh database race to create Optuna's tables; the loser's error
+    ("already exists") just means they now exist: retry. A database unreachable as the sweep
+    opens is refused at once."""
+    grace = settings.grace_period or 4 * settings.heartbeat_interval
+    engine = {} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(
+            inner = optuna.storages.RDBStorage(
                 url,
+                engine_kwargs=engine,
                 heartbeat_interval=settings.heartbeat_interval,
-                grace_period=settings.grace_period or 4 * settings.heartbeat_interval,
+                grace_period=grace,
                 heartbeat_stale_trial_callback=RetryLostTrial(settings.max_retry),
             )
+            return patient(inner, settings.storage_patience, grace)
         except Exception as exc:
             if "already exists" not in str(exc) or attempt == attempts - 1:
                 raise
@@ -324,15 +333,32 @@ class StudyLock:
 
     def acquire(self) -> None:
         if self._engine is not None:
-            from sqlalchemy import text
-
-            connection = self._engine.connect()
-            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self._key})
-            self._held = connection
+            self._held = self._advisory_lock()
         elif self._path is not None:
             handle = self._path.open("a")
             fcntl.flock(handle, fcntl.LOCK_EX)
             self._held = handle
+
+    def _advisory_lock(self) -> object:
+        """PostgreSQL's advisory lock on a connection of its own, tried every half second
+        (a database restart in between is waited out: `_patience`) for at most
+        `LOCK_TIMEOUT` seconds: a lock held longer than that is a fault to report."""
+        from sqlalchemy import text
+
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                connection = self._engine.connect()
+                query = text("SELECT pg_try_advisory_lock(:key)")
+                if connection.execute(query, {"key": self._key}).scalar():
+                    return connection
+                connection.close()
+            except Exception as exc:
+                if not is_connection_error(exc) or time.monotonic() > deadline:
+                    raise
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the study lock was held for {LOCK_TIMEOUT:g} s")
+            time.sleep(0.5)
 
     def release(self) -> None:
         held, self._held = self._held, None
@@ -341,8 +367,12 @@ class StudyLock:
         if self._engine is not None:
             from sqlalchemy import text
 
-            held.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self._key})  # type: ignore[attr-defined]
-            held.close()  # type: ignore[attr-defined]
+            try:  # a connection the database dropped took the lock with it
+                held.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self._key})  # type: ignore[attr-defined]
+                held.close()  # type: ignore[attr-defined]
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
         else:
             fcntl.flock(held, fcntl.LOCK_UN)  # type: ignore[arg-type]
             held.close()  # type: ignore[attr-defined]
