@@ -205,20 +205,79 @@ def write_sweep() -> Callable[..., Path]:
 
 
 @pytest.fixture
-def small_filesystem(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KB tmpfs mounted at ``tmp_path/small``: a disk that really fills (root only)."""
+def tmpfs() -> Iterator[Callable[[Path, str], Path]]:
+    """``tmpfs(where, "1m")``: a tmpfs of that size mounted at ``where`` (created), a disk
+    that really fills; unmounted after the test. Skips where mounting is not allowed (root
+    only; .ci/run runs as root)."""
     import subprocess
 
-    where = tmp_path / "small"
-    where.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
+    mounted: list[Path] = []
+
+    def mount(where: Path, size: str) -> Path:
+        where.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)]
+        done = subprocess.run(command, capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path, tmpfs: Callable[[Path, str], Path]) -> Path:
+    """A 256 KB tmpfs mounted at ``tmp_path/small``."""
+    return tmpfs(tmp_path / "small", "256k")
+
+
+@pytest.fixture(scope="session")
+def fill_disk() -> Callable[[Path], Path]:
+    """``fill_disk(where)``: write a file in ``where`` until its file system has no byte
+    left; returns the file (delete it to free the space)."""
+    return _fill_disk
+
+
+def _fill_disk(where: Path) -> Path:
+    import errno
+
+    filler = where / "filler"
+    with filler.open("wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    return filler
+
+
+# --- a fault injected into a running command (appended) ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def fault_when() -> Callable[..., str]:
+    """``fault_when(process, ready, fault, timeout=300)``: poll ``ready()`` while ``process``
+    (a ``Popen`` with ``stderr=PIPE``, text) runs, then call ``fault()`` and wait for the
+    process to end; returns its stderr. The process is killed if anything fails first."""
+    return _fault_when
+
+
+def _fault_when(process, ready: Callable[[], bool], fault: Callable[[], None], timeout=300) -> str:
+    import time
+
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, f"not ready within {timeout} s"
+            time.sleep(0.2)  # polling for the moment to inject the fault
+        fault()
+        return process.communicate(timeout=timeout)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()

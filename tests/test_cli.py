@@ -278,3 +278,84 @@ def test_compare_unknown_run_from_the_script(store_runs: Callable[..., list]) ->
     assert_one_error_line(done.stderr, "no MLflow run " + "f" * 32)
     assert done.stdout == ""
     assert not list(Path.cwd().glob("*.html"))
+
+
+# --- arguments in any order; the same study from anywhere ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "overrides", "option"),
+    [
+        (["sweep", "quickstart", "--workers", "2", "sweep.n_trials=3"], ["sweep.n_trials=3"], 2),
+        (["sweep", "quickstart", "a=1", "--workers", "2", "b=2"], ["a=1", "b=2"], 2),
+        (["sweep", "--workers", "2", "quickstart", "a=1"], ["a=1"], 2),
+        (["train", "--cfg", "job", "head.dropout=0.3"], ["head.dropout=0.3"], "job"),
+        (
+            ["train", "head.dropout=0.3", "--cfg", "job", "+x.y=1"],
+            ["head.dropout=0.3", "+x.y=1"],
+            "job",
+        ),
+    ],
+)
+def test_options_and_overrides_interleave(argv: list[str], overrides: list[str], option) -> None:
+    from tlsweep.cli import build_parser, parse_arguments
+
+    args = parse_arguments(build_parser(), argv)
+    assert args.overrides == overrides
+    assert (args.workers if argv[0] == "sweep" else args.cfg) == option
+
+
+def test_reading_commands_take_the_storage_as_sweep_files_do() -> None:
+    from tlsweep.cli import build_parser, parse_arguments
+
+    for command in (["runs", "s"], ["report", "s"], ["reproduce", "--best", "s"]):
+        args = parse_arguments(build_parser(), [*command, "sweep.storage=sqlite:///x.db"])
+        assert args.storage == "sqlite:///x.db"
+
+
+@pytest.mark.parametrize("argv", [["runs", "s", "head.dropout=0.1"], ["compare", "a", "b", "x=1"]])
+def test_overrides_a_command_does_not_take_are_refused(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert f"unrecognized arguments: {argv[-1]}" in capsys.readouterr().err
+
+
+def test_a_study_elsewhere_is_found_through_its_parent_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After ``tlsweep sweep NAME sweep.storage=journal:///elsewhere``, the printed next step
+    ``tlsweep runs NAME`` works as printed: the sweep recorded its storage on its parent run."""
+    import mlflow
+    import optuna
+
+    from tlsweep import tracking
+    from tlsweep.sweep import open_storage
+
+    url = f"journal://{tmp_path / 'elsewhere' / 'studies.journal'}"
+    (tmp_path / "elsewhere").mkdir()
+    study = optuna.create_study(study_name="away", storage=open_storage(url))
+    study.add_trial(optuna.trial.create_trial(value=0.5, params={}, distributions={}))
+    tracking.connect()
+    client = mlflow.MlflowClient()
+    parent = client.create_run(tracking.experiment_id("away"), tags={"sweep.storage": url})
+    study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
+
+    assert main(["runs", "away"]) == 0
+    assert "0.5" in capsys.readouterr().out
+    assert main(["runs", "nowhere"]) == 2  # still a one-line error for unknown names
+
+
+def test_a_recorded_database_url_loses_its_hidden_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tag holds the URL as SQLAlchemy renders it (``***``); the lookup drops it, so that
+    the driver reads the password from ``PGPASSWORD`` or ``~/.pgpass``."""
+    from tlsweep import tracking
+    from tlsweep.sweep._storage import recorded_storage
+
+    tag = "postgresql://tlsweep:***@db.example:5432/optuna"
+    monkeypatch.setattr(tracking, "sweep_tag", lambda name, key: tag)
+    assert recorded_storage("s") == "postgresql://tlsweep@db.example:5432/optuna"

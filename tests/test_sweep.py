@@ -327,6 +327,7 @@ class StandInObjective:
 
     def __init__(self, spec, *session_parts) -> None:
         self.spec = spec
+        self.outage = None  # as the real one's: never met here
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = {d.key: suggest(trial, d) for d in self.spec.space}

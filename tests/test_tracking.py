@@ -260,3 +260,45 @@ def test_environment_then_config_tracking_uri(
     assert tracking.tracking_uri() == from_env
     assert tracking.tracking_uri(TrackingConfig()) == from_env
     assert tracking.tracking_uri(replace(TrackingConfig(), uri=from_cfg)) == from_cfg
+
+
+# --- a tracking server that is gone ----------------------------------------------------------
+
+
+def test_a_server_gone_past_its_retries_is_told_from_other_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bench.servers import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    gone = MlflowClient(tracking_uri=f"http://127.0.0.1:{free_port()}")  # nothing listens
+    with pytest.raises(mlflow.exceptions.MlflowException) as refused:
+        gone.get_run("0" * 32)
+    assert tracking.is_unreachable(refused.value)
+
+    with pytest.raises(mlflow.exceptions.MlflowException) as missing:
+        MlflowClient().get_run("0" * 32)  # the store answers: no such run
+    assert not tracking.is_unreachable(missing.value)
+    assert not tracking.is_unreachable(RuntimeError("boom"))
+
+
+def test_a_run_is_left_for_reconciliation_when_the_server_is_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``guard_run`` cannot close a run on a server that is away: the outage itself goes on
+    (not an error about recording the error), and the run waits for `reconcile_runs`."""
+    import requests
+
+    run_id = MlflowClient().create_run(tracking.experiment_id("gone")).info.run_id
+    outage = mlflow.exceptions.MlflowException("API request to http://x failed")
+    outage.__cause__ = requests.exceptions.ConnectionError("refused")
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise outage
+
+    monkeypatch.setattr(tracking, "record_failure", unreachable)
+    failed = pytest.raises(RuntimeError, match="the trial failed")  # not the failed recording
+    with failed, tracking.guard_run(run_id):
+        raise RuntimeError("the trial failed")
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+from bench.servers import PASSWORD, MlflowServer, Postgres
 from optuna.trial import TrialState
 
 from tlsweep import tracking
@@ -481,131 +481,40 @@ def test_sigterm_stops_every_worker_cleanly_and_the_sweep_resumes(
 
 # --- slow: several machines: PostgreSQL + an MLflow tracking server ----------------------------
 
-PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
-PASSWORD = "s3cret-Pw"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_PG_CTL: list[str] = []  # pg_ctl and its options for the module's server
-
-
-def pg_ctl(action: str) -> None:
-    """``pg_ctl start``, ``stop`` or ``restart`` (fast: connections dropped) on the server."""
-    mode = [] if action == "start" else ["-m", "fast"]
-    subprocess.run(_as_postgres([*_PG_CTL, *mode, "-w", action]), check=True, capture_output=True)
-
-
-def _as_postgres(command: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
-
 
 @pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
+def postgres_server() -> Iterator[Postgres]:
     """A PostgreSQL server on a free loopback port with databases optuna and mlflow."""
-    found = [b for b in PG_BINS if (b / "initdb").exists()]
-    bin_dir = found[-1] if found else Path(shutil.which("initdb") or "/nonexistent").parent
-    if not (bin_dir / "initdb").exists():
-        pytest.fail(
-            "PostgreSQL server binaries (initdb, pg_ctl) are missing: .ci/run installs them"
-        )
-    # Not under pytest's temporary root: the postgres user (initdb refuses root) must reach it.
-    root = Path(tempfile.mkdtemp(prefix="tlsweep-pg-"))
-    root.chmod(0o755)
-    data, pwfile = root / "data", root / "pw"
-    pwfile.write_text(PASSWORD)
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        shutil.chown(pwfile, "postgres")
-    port = _free_port()
-    subprocess.run(
-        _as_postgres(
-            [
-                str(bin_dir / "initdb"),
-                "-D",
-                str(data),
-                "-U",
-                "tlsweep",
-                "--auth=scram-sha-256",
-                f"--pwfile={pwfile}",
-            ]
-        ),
-        check=True,
-        capture_output=True,
-    )
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
-    _PG_CTL[:] = [str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log")]
-    pg_ctl("start")
-    base = f"postgresql://tlsweep:{PASSWORD}@127.0.0.1:{port}"
     try:
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(f"{base}/postgres", isolation_level="AUTOCOMMIT")
-        with engine.connect() as connection:
-            for db in ("optuna", "mlflow"):
-                connection.execute(sqlalchemy.text(f"CREATE DATABASE {db}"))
-        engine.dispose()
-        yield base
+        server = Postgres()
+    except RuntimeError as exc:  # no server binaries: .ci/run installs them
+        pytest.fail(str(exc))
+    try:
+        yield server
     finally:
-        subprocess.run(
-            _as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
-            capture_output=True,
-        )
-        shutil.rmtree(root, ignore_errors=True)
+        server.close()
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres(postgres_server: Postgres) -> str:
+    """The server's base URL: append /optuna or /mlflow."""
+    return postgres_server.url
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(
+    postgres_server: Postgres, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """``mlflow server`` on loopback: PostgreSQL backend store, a shared artifact root."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"{postgres}/mlflow",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    listening = threading.Event()
-    output: list[str] = []
-
-    def drain() -> None:
-        """Read the server's output for as long as it runs: a full pipe would block its
-        request logging, and so the server (uvicorn logs every request)."""
-        assert server.stdout is not None
-        for line in server.stdout:
-            output.append(line)
-            if "Application startup complete" in line or "Listening at" in line:
-                listening.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    if not listening.wait(timeout=180):
-        server.kill()
-        pytest.fail("mlflow server did not start:\n" + "".join(output[-30:]))
     try:
-        yield f"http://127.0.0.1:{port}"
+        server = MlflowServer(f"{postgres_server.url}/mlflow", root / "artifacts", _env())
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server.url
     finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=60)
+        server.stop()
 
 
 def _postgres_sweep(
@@ -690,7 +599,6 @@ def _read_until(process: subprocess.Popen, pattern: str, timeout: float) -> str:
     return seen
 
 
-@pytest.mark.slow
 def _as_another_machine(name: str) -> list[str]:
     """A command prefix that runs a process as if on machine ``name``: its own UTS namespace
     with that host name (root only), so its trials name another host and only heartbeats can
@@ -700,6 +608,7 @@ def _as_another_machine(name: str) -> list[str]:
     return ["unshare", "--uts", "sh", "-c", f'hostname "tlsweep-{name}" && exec "$@"', "sh"]
 
 
+@pytest.mark.slow
 def test_a_machine_lost_mid_trial_is_detected_by_heartbeat_and_its_trial_retried(
     postgres: str,
     mlflow_server: str,
@@ -763,15 +672,76 @@ def test_a_machine_lost_mid_trial_is_detected_by_heartbeat_and_its_trial_retried
     _assert_one_to_one(study, client, n_trials=3)
 
 
+@pytest.mark.slow
+def test_a_tracking_server_gone_past_its_retries_loses_nothing(
+    tmp_path: Path, write_sweep: Callable[..., Path], fault_when: Callable[..., str]
+) -> None:
+    """The MLflow server goes away mid-trial for longer than the client's retries: the sweep
+    fails that trial, queues it again and stops with a one-line error (exit 75, no
+    traceback). Once the server is back, the same command reconciles the open run with its
+    trial and finishes the study: n_trials finished, one run per trial, nothing RUNNING."""
+    server = MlflowServer(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts", _env())
+    path = write_sweep(
+        tmp_path,
+        {"head.dropout": "interval(0.0, 0.5)"},
+        {"study_name": "away", "n_trials": 2},
+        base={"train.epochs": 200, "train.early_stopping.patience": None},
+    )
+    env = _env(
+        MLFLOW_TRACKING_URI=server.url,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",  # a budget of seconds, not minutes
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
+        MLFLOW_HTTP_REQUEST_TIMEOUT="5",
+    )
+    client = mlflow.MlflowClient(tracking_uri=server.url)
+    sweep = subprocess.Popen(
+        [*TLSWEEP, "sweep", str(path)], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+    )
+    stderr = fault_when(sweep, lambda: _epochs_logged(client, "away"), server.stop)
+    assert sweep.returncode == 75, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"tlsweep: error: the tracking server {server.url} is unreachable")
+    assert "Traceback" not in stderr
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.load_study(study_name="away", storage=storage)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.FAIL, TrialState.WAITING], states  # failed, queued again
+    assert study.trials[0].user_attrs[FAIL_REASON_ATTR] == "the tracking server was unreachable"
+    assert study.trials[1].params == study.trials[0].params
+
+    server.start()  # back, on the same address
+    try:
+        resumed = subprocess.run(
+            [*TLSWEEP, "sweep", str(path)], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        study = optuna.load_study(study_name="away", storage=storage)
+        _assert_one_to_one(study, client, n_trials=2)
+        lost_run = client.get_run(study.trials[0].user_attrs[RUN_ID_ATTR])
+        assert lost_run.info.status == "FAILED"  # closed by the reconciliation at resume
+        assert "ended (FAIL) with this run open" in lost_run.data.tags["error"]
+    finally:
+        server.stop()
+
+
+def _epochs_logged(client: mlflow.MlflowClient, experiment: str) -> bool:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return False
+    runs = client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'")
+    return any("loss" in r.data.metrics for r in runs if "tlsweep.trial_number" in r.data.tags)
+
+
 # Last in the module: it restarts the PostgreSQL server the tests above share.
 @pytest.mark.slow
 def test_postgres_restarted_and_stopped_mid_sweep_loses_nothing(
-    postgres: str, tmp_path: Path, write_sweep: Callable[..., Path]
+    postgres_server: Postgres, tmp_path: Path, write_sweep: Callable[..., Path]
 ) -> None:
     """Two workers on PostgreSQL: the server restarts under them, later stops for 45 s. They
     wait it out (each says so once), none dies with a traceback, and the study ends with
     exactly n_trials, none failed by stale heartbeats, one run per trial."""
-    storage = f"{postgres}/optuna"
+    storage = f"{postgres_server.url}/optuna"
     path = _postgres_sweep(
         write_sweep,
         tmp_path,
@@ -811,11 +781,11 @@ def test_postgres_restarted_and_stopped_mid_sweep_loses_nothing(
 
     try:
         wait_for(1)
-        pg_ctl("restart")  # every connection dropped mid-trial
+        postgres_server.control("restart")  # every connection dropped mid-trial
         wait_for(completed() + 1)
-        pg_ctl("stop")
+        postgres_server.control("stop")
         time.sleep(45)  # the outage itself
-        pg_ctl("start")
+        postgres_server.control("start")
         supervisor.wait(timeout=600)
     finally:
         if supervisor.poll() is None:

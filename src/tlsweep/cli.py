@@ -7,7 +7,6 @@ interrupted (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP: all three handled alike), 1 an
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import shutil
 import sys
@@ -19,12 +18,12 @@ from typing import Any
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from tlsweep import backend, interrupts
+from tlsweep import backend, interrupts, logs
 
 backend.prepare_process()
 
 from tlsweep.config import CONFIG_GROUPS, group_choices  # noqa: E402
-from tlsweep.errors import UserError  # noqa: E402
+from tlsweep.errors import OutageError, UserError, full_disk, full_disk_message  # noqa: E402
 from tlsweep.redaction import redact, redact_url  # noqa: E402
 
 KEY_REFERENCE = """\
@@ -74,28 +73,74 @@ examples:
 """
 
 
+STORAGE_READERS = ("runs", "report", "reproduce", "status")  # they take --storage or sweep.storage=
+STORAGE_HELP = (
+    "Optuna storage (also sweep.storage=URL); default: mlruns/, else where the sweep recorded it"
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tlsweep`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
+    if args.quiet or args.verbose:
+        logs.set_verbosity(1 if args.verbose else -1)
+    logs.apply_verbosity()  # a worker's level comes in its environment
     interrupts.install()
     try:
         return int(args.handler(args) or 0)
-    except UserError as exc:
+    except (UserError, OutageError) as exc:
         print(f"tlsweep: error: {redact(str(exc))}", file=sys.stderr)
-        return UserError.exit_code
+        return exc.exit_code
     except KeyboardInterrupt as exc:
         how = interrupts.description(exc)
         print("tlsweep: interrupted" + ("" if how == "Ctrl-C" else f" ({how})"), file=sys.stderr)
         return interrupts.exit_code(exc)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            return _crashed(exc)
-        where = f" writing {exc.filename}" if exc.filename else ""
-        print(f"tlsweep: error: no space left on device{where}", file=sys.stderr)
-        return 1
     except Exception as exc:  # a bug or an outage: the traceback, without any password in it
+        if outage := _outage(exc):
+            print(f"tlsweep: error: {redact(outage)}", file=sys.stderr)
+            return OutageError.exit_code
         return _crashed(exc)
+
+
+def parse_arguments(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> argparse.Namespace:
+    """Options and ``KEY=VALUE`` overrides in any order, as Hydra users type them
+    (``sweep quickstart --workers 2 sweep.n_trials=3``): argparse ends a ``nargs="*"``
+    positional at the first option, so overrides after one come back unparsed and are added
+    here, in the order typed. ``sweep.storage=URL`` also works for the commands that take
+    ``--storage`` (runs, report, reproduce)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in STORAGE_READERS:
+        argv = [_storage_option(arg) for arg in argv]
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in overrides]
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *overrides]
+    else:
+        unknown += overrides
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def _storage_option(arg: str) -> str:
+    """``sweep.storage=URL`` as ``--storage=URL``; any other argument as it is."""
+    key, _, value = arg.lstrip("+").partition("=")
+    return f"--storage={value}" if key == "sweep.storage" else arg
+
+
+def _outage(exc: BaseException) -> str | None:
+    """One line for an exception that is a full disk or the tracking server's outage."""
+    if full := full_disk(exc):
+        return full_disk_message(full)
+    if "tlsweep.tracking" not in sys.modules:  # MLflow not even loaded: not its outage
+        return None
+    from tlsweep import tracking
+
+    return tracking.unreachable_message(exc) if tracking.is_unreachable(exc) else None
 
 
 def _crashed(exc: BaseException) -> int:
@@ -139,12 +184,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="one worker per listed GPU, e.g. 0,1,3; list a GPU twice for two workers on it "
         "(0,0,1,1); sets CUDA_VISIBLE_DEVICES and each worker's share of GPU memory",
     )
+    sweep.add_argument(
+        "--launcher",
+        choices=["local", "slurm"],
+        default="local",
+        help="local: worker processes here (default); slurm: --workers N jobs on a Slurm "
+        "cluster (one job array, resources from launcher.KEY=VALUE, see conf/launcher/)",
+    )
     sweep.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    sweep.add_argument("--summarize", action="store_true", help=argparse.SUPPRESS)
+
+    status = _command(commands, "status", cmd_status, "a sweep's progress, from any machine")
+    status.add_argument("name", metavar="NAME", help="a sweep (study) name, as in tlsweep runs")
+    status.add_argument(
+        "--follow", action="store_true", help="print a line at each change until the sweep ends"
+    )
+    status.add_argument("--every", type=float, default=10.0, metavar="S", help=argparse.SUPPRESS)
+    status.add_argument("--storage", metavar="URL", help=STORAGE_HELP)
 
     runs = _command(commands, "runs", cmd_runs, "the leaderboard of a sweep, best first")
     runs.add_argument("name", nargs="?", metavar="NAME", help="a sweep (study) name; none: list")
     runs.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
-    runs.add_argument("--storage", metavar="URL", help="Optuna storage (default mlruns/optuna.db)")
+    runs.add_argument("--storage", metavar="URL", help=STORAGE_HELP)
 
     rep = _command(commands, "reproduce", cmd_reproduce, "retrain a logged run and compare")
     which = rep.add_mutually_exclusive_group(required=True)
@@ -166,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", metavar="FILE", help="where to write it (default NAME_report.html)"
     )
     rpt.add_argument("--top", type=int, default=5, metavar="K", help="trials in the curves plot")
-    rpt.add_argument("--storage", metavar="URL", help="Optuna storage (default mlruns/optuna.db)")
+    rpt.add_argument("--storage", metavar="URL", help=STORAGE_HELP)
 
     cmp = _command(commands, "compare", cmd_compare, "two runs side by side (terminal and HTML)")
     cmp.add_argument("run_a", metavar="RUN_A", help="an MLflow run id")
@@ -235,19 +296,54 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     gpus = _gpu_list(args.gpus)
     if args.workers < 1:
         raise UserError(f"--workers={args.workers} is not allowed: must be >= 1")
-    overrides = [*args.overrides, *(worker_overrides() if args.worker else [])]
+    launcher = [o for o in args.overrides if o.lstrip("+").split("=")[0].startswith("launcher.")]
+    if launcher and args.launcher != "slurm":
+        raise UserError(f"{launcher[0]} is not allowed without --launcher slurm")
+    if gpus and args.launcher == "slurm":
+        raise UserError(
+            f"--gpus={args.gpus} is for local workers: with --launcher slurm, "
+            "set launcher.gpus_per_node=N"
+        )
+    sweep_args = [args.name, *(o for o in args.overrides if o not in launcher)]
+    overrides = [*sweep_args[1:], *(worker_overrides() if args.worker else [])]
     spec = load_sweep(args.name, overrides)  # bad input is refused before TF loads
+    if args.launcher == "slurm":
+        return _submit_to_slurm(spec, sweep_args, args.workers, launcher)
     backend.import_quietly()
     from tlsweep.sweep import run_sweep, run_worker, run_workers
 
     if args.worker:
-        run_worker(spec)
-        return 0
+        summary = run_worker(spec, summarize=args.summarize)
+        return 0 if summary is None or not summary.shortfall else 1
     if gpus or args.workers > 1:
         summary = run_workers(spec, [args.name, *args.overrides], args.workers, gpus)
     else:
         summary = run_sweep(spec)
     return 0 if summary.best_value is not None and not summary.shortfall else 1
+
+
+def _submit_to_slurm(spec: Any, sweep_args: list[str], workers: int, launcher: list[str]) -> int:
+    from tlsweep.sweep._slurm import launcher_settings
+
+    settings = launcher_settings(launcher)  # bad settings refused before TF loads
+    backend.import_quietly()
+    from tlsweep.sweep import submit_workers
+
+    submitted = submit_workers(spec, sweep_args, workers, settings)
+    name = spec.settings.study_name
+    print(f"submitted {workers} worker job(s) for sweep {name}: {' '.join(submitted.job_ids)}")
+    print(f"logs: {submitted.logs}/JOB_ID/")
+    print(f"next:\n  tlsweep status {name} --follow   # progress, from any machine")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    backend.import_quietly()
+    from tlsweep import sweep, tracking
+
+    tracking.connect()
+    study = sweep.load_study(args.name, args.storage)
+    return sweep.show_status(study, follow=args.follow, every=args.every)
 
 
 def _gpu_list(text: str | None) -> list[str]:
@@ -437,6 +533,11 @@ def _command(
 ) -> argparse.ArgumentParser:
     sub = commands.add_parser(name, help=help_text, description=help_text)
     sub.set_defaults(handler=handler)
+    talk = sub.add_mutually_exclusive_group()
+    talk.add_argument("-q", "--quiet", action="store_true", help="summaries and errors only")
+    talk.add_argument(
+        "-v", "--verbose", action="store_true", help="also third-party INFO logging (MLflow)"
+    )
     return sub
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
 
 class UserError(Exception):
     """Bad input: the CLI prints the message on one line and exits with status 2.
@@ -14,3 +18,38 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return " ".join(str(self.args[0]).split()) if self.args else ""
+
+
+class OutageError(Exception):
+    """Something the sweep needs is gone: the tracking server stayed unreachable past its
+    retries, or a disk is full.
+
+    Not the trial's fault and nothing is lost: the interrupted trial is queued again and its
+    run closed by the next reconciliation. The CLI prints one line and exits with status 75
+    (``EX_TEMPFAIL``: try again later); a supervisor stops its workers on it.
+    """
+
+    exit_code = 75
+
+    def __str__(self) -> str:
+        return " ".join(str(self.args[0]).split()) if self.args else ""
+
+
+def full_disk(exc: BaseException) -> OSError | None:
+    """The "no space left" (or quota) error ``exc`` is, or was raised from; else None."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.errno in NO_SPACE:
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def full_disk_message(exc: OSError) -> str:
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return (
+        f"no space left on device{where}; nothing is lost: free some space and run the same "
+        "command again"
+    )

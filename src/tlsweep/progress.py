@@ -1,7 +1,10 @@
-"""Console progress (rich): one line per epoch."""
+"""Console progress (rich): a live line per trial in a terminal; in a log file (a batch job),
+timestamped lines: a trial's start, an epoch at most every `BATCH_EPOCH_SECONDS`, its end.
+With ``-q`` (`tlsweep.logs.verbosity` below 0) only failures and summaries."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,7 +12,10 @@ import keras
 from rich.console import Console
 from rich.markup import escape
 
+from tlsweep.logs import verbosity
+
 SHOWN = ("loss", "accuracy", "val_loss", "val_accuracy")
+BATCH_EPOCH_SECONDS = 10.0  # at most one epoch line this often in a log file
 
 
 class EpochPrinter(keras.callbacks.Callback):
@@ -22,8 +28,11 @@ class EpochPrinter(keras.callbacks.Callback):
         self.console = console or Console(stderr=True, highlight=False)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if verbosity() < 0:
+            return
         shown = "  ".join(f"{k} {float(logs[k]):.4f}" for k in SHOWN if k in (logs or {}))
-        self.console.print(f"{self.prefix}epoch {epoch + 1}/{self.total_epochs}  {shown}")
+        stamp = _stamp(self.console)
+        self.console.print(f"{stamp}{self.prefix}epoch {epoch + 1}/{self.total_epochs}  {shown}")
 
 
 class SweepProgress:
@@ -46,6 +55,8 @@ class SweepProgress:
         self.best: float | None = None
         self.study_name = ""
         self._status: Any = None
+        self._quiet = verbosity() < 0
+        self._last_epoch_line = 0.0
 
     def started(self, study_name: str, done: int) -> None:
         self.study_name, self.done = study_name, done
@@ -54,10 +65,17 @@ class SweepProgress:
         self.console.print(f"sweep [bold]{study_name}[/]: {todo} trial(s) to run{resumed}")
 
     def trial_started(self, number: int, params: Mapping[str, Any]) -> None:
+        self._last_epoch_line = time.monotonic()
+        if self._quiet:
+            return
         shown = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
-        self.console.print(f"{self.prefix}trial {self._k()}/{self.n_trials} (#{number}) {shown}")
-        self._status = self.console.status(f"trial {self._k()}/{self.n_trials} starting")
-        self._status.start()
+        self.console.print(
+            f"{_stamp(self.console)}{self.prefix}trial {self._k()}/{self.n_trials} (#{number}) "
+            f"{shown}"
+        )
+        if self.console.is_terminal:
+            self._status = self.console.status(f"trial {self._k()}/{self.n_trials} starting")
+            self._status.start()
 
     def epoch_callback(self, number: int, cfg: Any) -> keras.callbacks.Callback:
         total = cfg.train.epochs + cfg.train.fine_tune.epochs
@@ -67,11 +85,15 @@ class SweepProgress:
         value = logs.get(self.metric)
         shown = f"{self.metric} {float(value):.4f}" if value is not None else ""
         best = f"  best so far {self.best:.4f}" if self.best is not None else ""
+        trial = f"{self.prefix}trial {self._k()}/{self.n_trials}"
+        line = f"{trial}  epoch {epoch}/{total}  {shown}{best}"
         if self._status is not None:
-            self._status.update(
-                f"{self.prefix}trial {self._k()}/{self.n_trials}  epoch {epoch}/{total}  "
-                f"{shown}{best}"
-            )
+            self._status.update(line)
+        elif not self._quiet and not self.console.is_terminal:  # a log file: now and then
+            now = time.monotonic()
+            if now - self._last_epoch_line >= BATCH_EPOCH_SECONDS:
+                self.console.print(f"{_stamp(self.console)}{line}")
+                self._last_epoch_line = now
 
     def trial_finished(
         self,
@@ -88,11 +110,14 @@ class SweepProgress:
             self.best = value if self.best is None else self._better(value, self.best)
         if state != "FAIL":
             self.done += 1
+        if self._quiet and state != "FAIL":
+            return
         shown = f"{self.metric}={value:.4f}" if value is not None else (reason or "")[:160]
         best = f"  best {self.best:.4f}" if self.best is not None else ""
         color = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(state, "white")
         self.console.print(
-            f"{self.prefix}  #{number} [{color}]{state}[/] {shown}{best}  {seconds:.1f}s"
+            f"{_stamp(self.console)}{self.prefix}  #{number} [{color}]{state}[/] {shown}{best}  "
+            f"{seconds:.1f}s"
         )
 
     def finished(self, board: Any, best_value: float | None, champion_uri: str | None) -> None:
@@ -134,3 +159,8 @@ class _LiveEpochLine(keras.callbacks.Callback):
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _stamp(console: Console) -> str:
+    """``HH:MM:SS `` before each line in a log file; nothing in a terminal."""
+    return "" if console.is_terminal else time.strftime("%H:%M:%S ")

@@ -6,17 +6,20 @@ Store: ``tracking.uri`` from the config, else ``$MLFLOW_TRACKING_URI``, else the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import pandas as pd
@@ -24,7 +27,7 @@ import pandas as pd
 from tlsweep import backend
 from tlsweep.config import Config, TrackingConfig, flatten, to_yaml
 from tlsweep.data import ImageData
-from tlsweep.errors import UserError
+from tlsweep.errors import NO_SPACE, UserError
 from tlsweep.redaction import redact, redact_url
 
 if TYPE_CHECKING:  # keras (and so TensorFlow) loads only when a model is touched
@@ -40,6 +43,8 @@ from mlflow.entities import RunTag
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
+P = ParamSpec("P")
+R = TypeVar("R")
 DEFAULT_STORE_DIR = Path("mlruns")
 VERSIONED_PACKAGES = ("keras", "optuna", "mlflow", "numpy", "pillow", "tlsweep")  # + backend
 MAX_PARAM_LENGTH = 6000
@@ -113,19 +118,105 @@ def start_run(
         yield run_id
 
 
+def _artifact_writes(function: Callable[P, R]) -> Callable[P, R]:
+    """Name the run's artifact store in a "no space left" error: MLflow's copies raise it
+    naming the local file they copy from, or nothing. The wrapped function's first argument
+    is the run id."""
+
+    @functools.wraps(function)
+    def writing(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return function(*args, **kwargs)
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            where = artifact_location(str(args[0]))
+            if exc.filename and str(exc.filename).startswith(where):
+                raise
+            raise OSError(exc.errno, exc.strerror, where) from exc
+
+    return writing
+
+
+def _upload(run_id: str, folder: Path, artifact_path: str | None = None) -> None:
+    """Log every file under ``folder`` one by one: MLflow writes each file to a staging file
+    and moves it into place, where ``log_artifacts`` copies a tree directly and leaves a
+    half-written file behind when the disk fills."""
+    client = mlflow.MlflowClient()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        parent = path.parent.relative_to(folder).as_posix()
+        where = "/".join(part for part in (artifact_path, parent) if part and part != ".")
+        client.log_artifact(run_id, str(path), where or None)
+
+
+def artifact_location(run_id: str) -> str:
+    """Where a run's artifacts are written: a local path for a ``file:`` store, else its URI."""
+    uri = mlflow.MlflowClient().get_run(run_id).info.artifact_uri
+    return url2pathname(urlparse(uri).path) if uri.startswith("file:") else uri
+
+
 @contextmanager
 def guard_run(run_id: str, end: bool = True) -> Iterator[None]:
-    """Record an exception on ``run_id`` and end it FAILED (KILLED on Ctrl-C), or FINISHED."""
+    """Record an exception on ``run_id`` and end it FAILED (KILLED on Ctrl-C), or FINISHED.
+    With the tracking server unreachable the run stays open, and the original exception goes
+    on: the next reconciliation closes the run (`running_children`)."""
     client = mlflow.MlflowClient()
     try:
         yield
     except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        record_failure(run_id, exc)
-        client.set_terminated(run_id, status)
+        if not is_unreachable(exc):
+            _end_failed(client, run_id, exc)
         raise
     if end:
         client.set_terminated(run_id, "FINISHED")
+
+
+def _end_failed(client: mlflow.MlflowClient, run_id: str, exc: BaseException) -> None:
+    """End the run FAILED (KILLED on Ctrl-C) with the error recorded where it can be: a full
+    artifact store loses ``error.txt``, not the end of the run; a server gone leaves the run
+    to the next reconciliation."""
+    try:
+        record_failure(run_id, exc)
+    except Exception as recording:
+        if is_unreachable(recording):
+            return
+    status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+    try:
+        client.set_terminated(run_id, status)
+    except Exception as ending:
+        if not is_unreachable(ending):
+            raise
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) says the tracking server could not be
+    reached once MLflow's HTTP client had spent its retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
+    ``..._TIMEOUT``): refused or dropped connections, timeouts, retried 5xx answers. MLflow
+    wraps them in a plain ``MlflowException``, raised while handling the ``requests`` error."""
+    import requests
+
+    outage = (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        requests.exceptions.RetryError,
+    )
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, outage):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def unreachable_message(exc: BaseException) -> str:
+    """One line for an outage: which server, and that the same command continues."""
+    return (
+        f"the tracking server {redact_url(tracking_uri())} is unreachable "
+        f"({redact(str(exc)).splitlines()[0][:300]}); nothing is lost: run the same command "
+        "again once it is back"
+    )
 
 
 def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
@@ -134,6 +225,7 @@ def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
     mlflow.MlflowClient().log_batch(run_id, tags=batch)
 
 
+@_artifact_writes
 def record_failure(run_id: str, exc: BaseException) -> None:
     """Tag the run with the error and keep the traceback as ``error.txt``."""
     client = mlflow.MlflowClient()
@@ -162,6 +254,7 @@ def epoch_logger(run_id: str) -> keras.callbacks.Callback:
     return EpochCallback(log)
 
 
+@_artifact_writes
 def log_inputs(
     run_id: str,
     cfg: Config,
@@ -193,9 +286,10 @@ def log_inputs(
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.yaml").write_text(redact(to_yaml(cfg)))
         (Path(tmp) / "data.json").write_text(json.dumps(described, indent=2))
-        mlflow.MlflowClient().log_artifacts(run_id, tmp)  # one upload for both
+        _upload(run_id, Path(tmp))
 
 
+@_artifact_writes
 def log_result(
     run_id: str, result: TrainResult, data: ImageData, cfg: Config, stored_model: str = "full"
 ) -> None:
@@ -211,7 +305,7 @@ def log_result(
         (folder / "evaluation").mkdir()
         for split, evaluation in result.evaluations.items():
             _write_evaluation(folder / "evaluation", split, evaluation, data.class_names)
-        client.log_artifacts(run_id, tmp)  # one upload for all of them
+        _upload(run_id, Path(tmp))
     if stored_model == "full":
         log_keras_model(run_id, result.model, data.class_names)
     elif stored_model == "head":
@@ -223,6 +317,7 @@ def log_result(
             client.log_artifact(run_id, str(path), HEAD_WEIGHTS.split("/")[0])
 
 
+@_artifact_writes
 def log_keras_model(
     run_id: str, model: keras.Model, class_names: Sequence[str], name: str = "model"
 ) -> str:
@@ -246,7 +341,7 @@ def log_keras_model(
             pip_requirements=model_requirements(),
             metadata={"class_names": list(class_names)},
         )
-        client.log_artifacts(run_id, str(local), name)
+        _upload(run_id, local, name)
     model_uri = f"runs:/{run_id}/{name}"
     client.set_tag(run_id, MODEL_URI_TAG, model_uri)
     return model_uri
@@ -305,7 +400,9 @@ def open_parent_run(experiment: str, run_id: str | None, tags: Mapping[str, str]
     if run_id:
         try:
             existing = client.get_run(run_id)
-        except mlflow.exceptions.MlflowException:
+        except mlflow.exceptions.MlflowException as exc:
+            if is_unreachable(exc):  # not gone: a new parent run would split the sweep
+                raise
             existing = None
         if existing is not None and existing.info.lifecycle_stage == "active":
             client.update_run(run_id, status="RUNNING")
@@ -316,13 +413,30 @@ def open_parent_run(experiment: str, run_id: str | None, tags: Mapping[str, str]
     return run.info.run_id
 
 
+def sweep_tag(experiment: str, key: str) -> str | None:
+    """Tag ``key`` of the latest run carrying it in ``experiment`` (a sweep's parent run)."""
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`{key}` LIKE '%'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].data.tags[key] if runs else None
+
+
 def close_lost_run(run_id: str, reason: str) -> None:
     """End the run of a trial whose worker died: FAILED, with the reason as its error."""
     client = mlflow.MlflowClient()
     try:
         run = client.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        return
+    except mlflow.exceptions.MlflowException as exc:
+        if is_unreachable(exc):
+            raise
+        return  # deleted: nothing to close
     set_tags(run_id, {"error": redact(reason), "tlsweep.trial_state": "FAIL"})
     if run.info.status == "RUNNING":
         client.set_terminated(run_id, "FAILED")
@@ -370,6 +484,7 @@ def child_runs_frame(parent_run_id: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run_id", "run_status", *LEADERBOARD_METRICS])
 
 
+@_artifact_writes
 def log_leaderboard(run_id: str, board: pd.DataFrame, metric: str) -> None:
     """The leaderboard as CSV, HTML and Markdown artifacts."""
     from tlsweep.report import to_html, to_markdown
@@ -383,6 +498,7 @@ def log_leaderboard(run_id: str, board: pd.DataFrame, metric: str) -> None:
     client.log_text(run_id, to_markdown(board), "leaderboard.md")
 
 
+@_artifact_writes
 def log_figures(run_id: str, figures: Mapping[str, Any], folder: str = "plots") -> None:
     """Matplotlib figures as PNG artifacts."""
     client = mlflow.MlflowClient()
@@ -483,6 +599,7 @@ def log_trial_costs(run_id: str, costs: Mapping[str, float]) -> None:
         mlflow.log_metrics({k: float(v) for k, v in costs.items()}, run_id=run_id)
 
 
+@_artifact_writes
 def log_table(run_id: str, table: pd.DataFrame, name: str) -> None:
     """A table as ``NAME.csv`` and ``NAME.md`` artifacts (e.g. a sweep's Pareto front)."""
     from tlsweep.report import to_markdown
@@ -617,6 +734,7 @@ def evaluation_artifacts(run_id: str, splits: Sequence[str] = ("test", "val")) -
     return {}
 
 
+@_artifact_writes
 def log_report(run_id: str, page: str, name: str = "report.html") -> str:
     """Log an HTML page on the run; returns its artifact URI."""
     client = mlflow.MlflowClient()

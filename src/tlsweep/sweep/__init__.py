@@ -7,13 +7,14 @@ A sweep with several objectives (``sweep.objectives``: accuracy against latency 
 returns a tuple per trial, is not pruned, and ends with its Pareto front registered.
 
 Public face: `run_sweep` (one process), `run_workers` (several on this machine, supervised)
-and `run_worker` (one of them), the study helpers (`open_storage`, `open_study`,
-`load_study`, `study_names`, `storage_url`), the sampler/pruner factories, and the read side
+and `run_worker` (one of them), `submit_workers` (Slurm jobs), `show_status`, the study
+helpers (`open_storage`, `open_study`, `load_study`, `study_names`, `storage_url`), the
+sampler/pruner factories, and the read side
 used by ``tlsweep runs`` and ``tlsweep reproduce`` (`leaderboard`, `best_run_id`,
 `parent_run_id`, `pareto_front`).
 The private modules: ``_storage`` (where studies live), ``_samplers``, ``_objective`` (one
-trial), ``_run`` (the trial loop), ``_workers`` (local worker processes) and ``_summary`` (the end
-of a sweep).
+trial), ``_run`` (the trial loop), ``_workers`` (local worker processes), ``_slurm`` (worker
+jobs through submitit), ``_status`` and ``_summary`` (the end of a sweep).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from tlsweep.sweep._common import (
 )
 from tlsweep.sweep._run import run_sweep, run_worker
 from tlsweep.sweep._samplers import make_pruner, make_sampler, sampler_factory, suggest
+from tlsweep.sweep._slurm import submit_workers
+from tlsweep.sweep._status import show_status, status_line
 from tlsweep.sweep._storage import (
     DEFAULT_STORAGE,
     load_study,
@@ -78,8 +81,11 @@ __all__ = [
     "run_worker",
     "run_workers",
     "sampler_factory",
+    "show_status",
+    "status_line",
     "storage_url",
     "study_names",
+    "submit_workers",
     "suggest",
     "summarize",
 ]

@@ -9,6 +9,8 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUN_ID_ATTR = "mlflow_run_id"
 FAIL_REASON_ATTR = "fail_reason"
 WORKER_ATTR = "worker"  # host:pid of the process running the trial
+N_TRIALS_ATTR = "tlsweep_n_trials"  # the study's n_trials, as last asked for
+SUMMARIZED_ATTR = "tlsweep_summarized"  # finished trials when a worker last summarised it
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 ENDED_STATES = (*FINISHED_STATES, TrialState.FAIL)
 

@@ -24,6 +24,7 @@ from tlsweep import interrupts, tracking
 from tlsweep.backbones import BackboneCache
 from tlsweep.config import ComposedBase, Config, DataConfig
 from tlsweep.data import ImageData, load_run_data
+from tlsweep.errors import OutageError, full_disk, full_disk_message
 from tlsweep.experiment import execute, prepare
 from tlsweep.latency import measure_latency
 from tlsweep.model import parameter_counts
@@ -55,6 +56,7 @@ class Objective:
         self.backbones = backbones or BackboneCache()
         self.worker = ""  # recorded on each trial, to find a dead worker's trials
         self.on_start: Callable[[], None] = lambda: None  # called once the trial is RUNNING
+        self.outage: OutageError | None = None  # a gone server or a full disk a trial met
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         trial.set_user_attr(WORKER_ATTR, self.worker)
@@ -96,14 +98,20 @@ class Objective:
                 state = "PRUNED" if reporter.stop_run else "COMPLETE"
                 tracking.set_tags(run_id, {"tlsweep.trial_state": state})
         except BaseException as exc:  # Ctrl-C too: Optuna records it as FAIL, so must we
-            interrupted = isinstance(exc, KeyboardInterrupt)
-            if interrupted:  # SIGINT, SIGTERM or SIGHUP: not the trial's fault, run it again
+            outage = tracking.is_unreachable(exc)
+            full = full_disk(exc)
+            if isinstance(exc, KeyboardInterrupt):  # SIGINT, SIGTERM or SIGHUP: run it again
                 reason = f"interrupted ({interrupts.description(exc)})"
                 retry_interrupted(trial.study, trial.number, s.max_retry)
+            elif outage or full:  # not the trial's fault either: the work loop stops
+                reason = "the tracking server was unreachable" if outage else "the disk was full"
+                retry_interrupted(trial.study, trial.number, s.max_retry)
+                message = full_disk_message(full) if full else tracking.unreachable_message(exc)
+                self.outage = OutageError(message)
             else:  # the text may quote a URL with its password: never stored or shown as is
                 reason = redact(f"{type(exc).__name__}: {exc}")
             trial.set_user_attr(FAIL_REASON_ATTR, reason[:2000])
-            if run_id:
+            if run_id and not outage:  # else the next reconciliation closes the run
                 tracking.set_tags(run_id, {"tlsweep.trial_state": "FAIL"})
             self.progress.trial_finished(
                 trial.number, "FAIL", None, time.monotonic() - started, reason

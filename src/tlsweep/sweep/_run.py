@@ -24,7 +24,14 @@ from tlsweep.config import ComposedBase, Config
 from tlsweep.experiment import prepare
 from tlsweep.progress import SweepProgress
 from tlsweep.sweep import _samplers
-from tlsweep.sweep._common import ENDED_STATES, FINISHED_STATES, PARENT_RUN_ATTR, count
+from tlsweep.sweep._common import (
+    ENDED_STATES,
+    FINISHED_STATES,
+    N_TRIALS_ATTR,
+    PARENT_RUN_ATTR,
+    SUMMARIZED_ATTR,
+    count,
+)
 from tlsweep.sweep._objective import DataMemo, Objective, trial_configs
 from tlsweep.sweep._storage import (
     SESSIONS_ATTR,
@@ -52,6 +59,7 @@ class Session:
     configs: ComposedBase  # the base config, composed once; trials add their values
     data: DataMemo  # the data the trials train on (loaded once, if they all share it)
     backbones: BackboneCache = field(default_factory=BackboneCache)  # trials and the champion
+    supervised: bool = False  # a local worker: its supervisor handles its dead siblings
 
 
 def run_sweep(spec: SweepSpec, progress: SweepProgress | None = None) -> SweepSummary:
@@ -66,10 +74,34 @@ def run_sweep(spec: SweepSpec, progress: SweepProgress | None = None) -> SweepSu
     return finish(session, progress, stopped)
 
 
-def run_worker(spec: SweepSpec) -> None:
-    """One of several workers: run trials on the shared study; the supervisor summarises."""
+def run_worker(spec: SweepSpec, summarize: bool = False) -> SweepSummary | None:
+    """One of several workers: run trials on the shared study. A local supervisor summarises
+    its workers' sweep; a worker with no supervisor (a Slurm job: ``summarize``) summarises
+    it itself if it is the one that finds the study complete (`summarize_if_complete`)."""
     session = open_session(spec)
-    work(session, default_progress(spec, prefix=os.environ.get("TLSWEEP_WORKER_LABEL", "")))
+    session.supervised = not summarize
+    progress = default_progress(spec, prefix=os.environ.get("TLSWEEP_WORKER_LABEL", ""))
+    stopped = work(session, progress)
+    return summarize_if_complete(session, progress, stopped) if summarize else None
+
+
+def summarize_if_complete(
+    session: Session, progress: SweepProgress, stopped: str
+) -> SweepSummary | None:
+    """Summarise the sweep if it is complete and no other process is still running a trial
+    or has summarised it already (at this many finished trials): under the study lock, so
+    exactly one of many workers does it."""
+    study = session.study
+    with session.lock.held():
+        done = finished(session)
+        complete = shortfall(session, "done") is None
+        if not complete or count(study, (TrialState.RUNNING, TrialState.WAITING)):
+            return None
+        if study.user_attrs.get(SUMMARIZED_ATTR) == done:
+            return None
+        summary = finish(session, progress, stopped)
+        study.set_user_attr(SUMMARIZED_ATTR, done)
+    return summary
 
 
 def open_session(spec: SweepSpec, workers: int = 1, trains: bool = True) -> Session:
@@ -107,6 +139,7 @@ def open_session(spec: SweepSpec, workers: int = 1, trains: bool = True) -> Sess
         reconcile_runs(study, parent)
         study.set_user_attr(PARENT_RUN_ATTR, parent)
         study.set_user_attr(SESSIONS_ATTR, session_number + 1)
+        study.set_user_attr(N_TRIALS_ATTR, s.n_trials)  # for tlsweep status
     return Session(spec, url, study, lock, parent, configs, data, backbones)
 
 
@@ -126,7 +159,8 @@ def work(session: Session, progress: SweepProgress, worker: str | None = None) -
     process; the loop also ends at the timeout and when a grid has every point done. Trials
     left RUNNING by a process of this machine that is gone, or by one that died before
     recording itself, are failed and queued again first (`fail_dead_trials`). Returns why it
-    stopped: ``done``, ``timeout`` or ``failures``.
+    stopped: ``done``, ``timeout`` or ``failures``. A tracking server unreachable past
+    MLflow's retries, or a full disk, raises `OutageError` once the trial is queued again.
     """
     s, study = session.spec.settings, session.study
     objective = Objective(
@@ -164,6 +198,8 @@ def work(session: Session, progress: SweepProgress, worker: str | None = None) -
             study.optimize(objective, n_trials=1, catch=(Exception,))
         finally:
             session.lock.release()
+        if objective.outage is not None:  # a server gone past its retries, a full disk
+            raise objective.outage
         if count(study, ENDED_STATES) == ended:
             return "done"  # no trial ran: the sampler stopped the study
         failures += count(study, (TrialState.FAIL,)) - failed
@@ -238,8 +274,9 @@ def worker_id() -> str:
 def _others_may_fail(session: Session) -> bool:
     """Whether to wait for other processes' running trials instead of leaving: on heartbeat
     storages (several machines, no supervisor) one of them may belong to a dead worker, and
-    its retry needs a live one. Local journal workers have a supervisor that restarts them."""
-    if session.url.startswith("journal:"):
+    its retry needs a live one. Local journal workers have a supervisor that restarts them;
+    Slurm jobs do not, so they wait too."""
+    if session.supervised and session.url.startswith("journal:"):
         return False
     study = session.study
     return count(study, FINISHED_STATES) < session.spec.settings.n_trials and bool(

@@ -25,14 +25,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from tlsweep import tracking
-from tlsweep.errors import UserError
+from tlsweep.errors import NO_SPACE, UserError
 from tlsweep.redaction import redact_url
 from tlsweep.sweep import _samplers
 from tlsweep.sweep._common import FAIL_REASON_ATTR, RUN_ID_ATTR, WORKER_ATTR
@@ -104,7 +104,27 @@ def journal_storage(path: Path) -> JournalStorage:
     lock = JournalFlock(path)
     with _held(lock):
         _cut_torn_line(path)
-    return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+    return JournalStorage(_WholeLinesJournal(path, lock))
+
+
+class _WholeLinesJournal(JournalFileBackend):
+    """Optuna's journal file, whole lines only: an append that fails (a full disk) cuts the
+    part it wrote before it raises, naming the journal (Python's error names no file), so
+    that the next append does not glue a line onto half of one."""
+
+    def __init__(self, path: Path, lock: JournalFlock) -> None:
+        super().__init__(str(path), lock_obj=lock)
+        self._path, self._flock = path, lock
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        try:
+            super().append_logs(logs)
+        except OSError as exc:
+            with _held(self._flock):
+                _cut_torn_line(self._path)
+            if exc.errno in NO_SPACE:
+                raise OSError(exc.errno, exc.strerror, str(self._path)) from exc
+            raise
 
 
 class JournalFlock:
@@ -298,14 +318,37 @@ def sessions_opened(storage: optuna.storages.BaseStorage, study_name: str) -> in
 
 
 def load_study(study_name: str, storage: str | None = None) -> optuna.Study:
-    """An existing study, for the leaderboard and reproduce; unknown names list the known ones."""
-    for url in [storage] if storage else _default_urls():
+    """An existing study, for the leaderboard, the report and reproduce: in ``storage``, else
+    in the default files, else where the sweep recorded it (`recorded_storage`); unknown
+    names list the known ones. Connect tracking first."""
+    urls = [storage] if storage else _default_urls()
+    if storage is None and (recorded := recorded_storage(study_name)) not in (None, *urls):
+        urls.append(recorded)
+    for url in urls:
         store = open_storage(url)
         if study_name in _names(url, store):
             return optuna.load_study(study_name=study_name, storage=store)
     known = ", ".join(study_names(storage)) or "none yet"
     where = redact_url(storage) if storage else "mlruns/"
     raise UserError(f"no sweep named '{study_name}' in {where}; known: {known}")
+
+
+def recorded_storage(study_name: str) -> str | None:
+    """The storage the sweep ``study_name`` recorded on its parent run (tag ``sweep.storage``,
+    its password hidden), without the password: the database client then takes it from the
+    environment (``PGPASSWORD``, ``~/.pgpass``). None when no sweep of that name is tracked."""
+    tag = tracking.sweep_tag(study_name, "sweep.storage")
+    if not tag:
+        return None
+    from sqlalchemy.engine import URL, make_url
+
+    try:
+        url = make_url(tag)
+    except Exception:  # journal:///path: no credentials in it
+        return tag
+    fields = ("drivername", "username", "host", "port", "database", "query")
+    without_password = URL.create(**{name: getattr(url, name) for name in fields})
+    return without_password.render_as_string(hide_password=False)
 
 
 def study_names(storage: str | None = None) -> list[str]:
@@ -511,7 +554,11 @@ def retry_of(trial: FrozenTrial) -> int | None:
 def _close_lost_run(trial: FrozenTrial, reason: str) -> None:
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
     if run_id:
-        tracking.close_lost_run(run_id, f"trial {trial.number} lost: {reason}")
+        try:
+            tracking.close_lost_run(run_id, f"trial {trial.number} lost: {reason}")
+        except Exception as exc:  # the trial is failed and queued all the same
+            if not tracking.is_unreachable(exc):
+                raise  # with the server away, `reconcile_runs` closes the run later
 
 
 def _lock_path(url: str, study_name: str) -> Path | None:

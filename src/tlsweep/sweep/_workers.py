@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tlsweep import backend, interrupts, tracking
-from tlsweep.errors import UserError
+from tlsweep.errors import OutageError, UserError
 from tlsweep.progress import SweepProgress
 from tlsweep.sweep._run import Session, default_progress, finish, finished, open_session
 from tlsweep.sweep._storage import fail_lost_trials
@@ -125,7 +125,7 @@ def _supervise(
     """Wait for workers; replace one that died while the study still needs trials, after
     1, 2, 4... seconds (at most `MAX_BACKOFF`), and at most ``max(3, n_trials)`` times in all
     (a worker that dies at every start must not spin). A worker that refused the sweep (bad
-    input, exit code 2) stops them all."""
+    input, exit code 2) or met an outage (exit code 75) stops them all."""
     s = session.spec.settings
     restarts: dict[int, int] = {}
     max_restarts = max(3, s.n_trials)
@@ -140,6 +140,11 @@ def _supervise(
             raise interrupts.Interrupted(code - 128)
         if code == UserError.exit_code:  # it refused the sweep (its one-line error is above)
             raise UserError(f"worker {worker.id} refused the sweep (exit code {code})")
+        if code == OutageError.exit_code:  # a server gone, a full disk: the others' too
+            raise OutageError(
+                f"worker {worker.id} stopped on an outage (its error is above); nothing is "
+                "lost: run the same command again once it is over"
+            )
         if code != 0:
             reason = f"worker {worker.id} died (exit code {code})"
             lost = fail_lost_trials(session.study, worker.id, reason, s.max_retry)

@@ -1,0 +1,215 @@
+"""Worker jobs on Slurm: the launcher settings, ``tlsweep status``, and a real one-node cluster
+(slurmctld + slurmd, started by the test) running two worker jobs, one of them cancelled."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tlsweep.cli import main
+from tlsweep.errors import UserError
+from tlsweep.sweep import FAIL_REASON_ATTR, RUN_ID_ATTR, open_storage, status_line
+from tlsweep.sweep._common import N_TRIALS_ATTR, SUMMARIZED_ATTR, WORKER_ATTR
+from tlsweep.sweep._slurm import launcher_settings
+from tlsweep.sweep._status import ended
+
+TLSWEEP = [sys.executable, "-m", "tlsweep.cli"]
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+# --- fast: settings, refusals, status -----------------------------------------------------------
+
+
+def test_launcher_settings_become_submitit_parameters() -> None:
+    settings = launcher_settings(
+        [
+            "launcher.partition=gpu",
+            "launcher.gpus_per_node=2",
+            "launcher.time_min=30",
+            "launcher.additional={constraint: a100}",
+        ]
+    )
+    parameters = settings.executor_parameters("s", jobs=4)
+    assert parameters["slurm_partition"] == "gpu"
+    assert parameters["gpus_per_node"] == 2
+    assert parameters["timeout_min"] == 30
+    assert parameters["slurm_array_parallelism"] == 4
+    assert parameters["slurm_additional_parameters"] == {"constraint": "a100", "requeue": True}
+    assert "slurm_account" not in parameters  # unset: the cluster's default
+    defaults = launcher_settings([])
+    assert defaults.cluster == "slurm" and defaults.cpus_per_task == 4
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("launcher.partitions=gpu", "launcher.partition"),
+        ("launcher.cpus_per_task=many", "cpus_per_task"),
+        ("launcher.time_min=0", "launcher.time_min=0 is not allowed"),
+        ("launcher.cluster=kubernetes", "launcher.cluster=kubernetes is not allowed"),
+    ],
+)
+def test_bad_launcher_settings_are_one_line_errors(override: str, fragment: str) -> None:
+    with pytest.raises(UserError) as refused:
+        launcher_settings([override])
+    assert fragment in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_launcher_settings_need_the_slurm_launcher(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "quickstart", "launcher.partition=gpu"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == "tlsweep: error: launcher.partition=gpu is not allowed without --launcher slurm"
+
+
+def test_status_counts_trials_and_says_when_summarised(tmp_path: Path) -> None:
+    storage = open_storage(f"journal://{tmp_path / 'j.journal'}")
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    study.set_metric_names(["val_accuracy"])
+    study.set_user_attr(N_TRIALS_ATTR, 3)
+    study.add_trial(optuna.trial.create_trial(value=0.5))
+    study.add_trial(optuna.trial.create_trial(value=0.75))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+    study.ask()  # running
+    assert status_line(study) == (
+        "sweep s: 2/3 finished, 1 running, 1 failed; best val_accuracy 0.7500 (trial 1)"
+    )
+    assert not ended(study)
+    study.tell(3, 0.25)
+    study.set_user_attr(SUMMARIZED_ATTR, 3)
+    assert status_line(study).endswith("(trial 1); summarised")
+    assert ended(study)
+
+
+# --- slow: a real Slurm cluster -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    from bench.servers import SlurmCluster
+
+    try:
+        SlurmCluster()
+    except RuntimeError as exc:  # .ci/run installs Slurm and runs as root
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+def _job_of(pid: int) -> str | None:
+    """The Slurm job (array element, ``12_0``) a process of this node runs in, from the
+    environment Slurm gave it."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    env = dict(item.decode(errors="replace").partition("=")[::2] for item in environ if item)
+    if "SLURM_ARRAY_JOB_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
+    return env.get("SLURM_JOB_ID")
+
+
+@pytest.mark.slow
+def test_two_slurm_jobs_finish_a_study_exactly_though_one_is_cancelled(
+    slurm: None, tmp_path: Path, write_sweep: Callable[..., Path]
+) -> None:
+    """``tlsweep sweep --launcher slurm --workers 2`` submits a job array and returns; one job
+    is ``scancel``led while it trains (SIGTERM: its trial is failed and queued again, its run
+    KILLED); the other job runs the retry, finds the study complete and summarises it. The
+    study ends with exactly n_trials finished, one run per trial, nothing RUNNING."""
+    journal = tmp_path / "study.journal"
+    path = write_sweep(
+        tmp_path,
+        {"head.dropout": "interval(0.0, 0.5)"},
+        {"study_name": "cluster", "n_trials": 4, "storage": f"journal://{journal}"},
+        base={"train.epochs": 150, "train.early_stopping.patience": None},
+    )
+    submitted = subprocess.run(
+        [
+            *TLSWEEP,
+            "sweep",
+            str(path),
+            "--launcher",
+            "slurm",
+            "--workers",
+            "2",
+            "launcher.cpus_per_task=1",
+            "launcher.time_min=20",
+            f"launcher.logs={tmp_path / 'slurm'}",
+        ],
+        cwd=tmp_path,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    jobs = re.search(r"worker job\(s\) for sweep cluster: (.+)", submitted.stdout)
+    assert jobs, submitted.stdout
+    job_ids = jobs.group(1).split()
+    assert len(job_ids) == 2 and "tlsweep status cluster --follow" in submitted.stdout
+    store = open_storage(f"journal://{journal}")
+
+    def study() -> optuna.Study:
+        return optuna.load_study(study_name="cluster", storage=store)
+
+    try:
+        deadline = time.monotonic() + 300
+        victim = None
+        while victim is None:  # a job with a trial of its own under way
+            assert time.monotonic() < deadline and not ended(study()), _logs(tmp_path)
+            training = [
+                _job_of(int(t.user_attrs[WORKER_ATTR].rpartition(":")[2]))
+                for t in study().get_trials(states=(TrialState.RUNNING,))
+                if t.user_attrs.get(WORKER_ATTR) and t.intermediate_values
+            ]
+            victim = next((job for job in training if job in job_ids), None)
+            time.sleep(0.5)  # polling the study for a trial under way
+        subprocess.run(["scancel", victim], check=True)
+        while not ended(study()):
+            assert time.monotonic() < deadline + 300, _logs(tmp_path)
+            time.sleep(1)  # polling the study until a job has summarised it
+    finally:
+        subprocess.run(["scancel", *job_ids], check=False)
+
+    final = study()
+    trials = final.trials
+    assert len([t for t in trials if t.state in FINISHED]) == 4
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    cancelled = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(cancelled) == 1, [(t.number, t.state, t.user_attrs) for t in trials]
+    assert cancelled[0].user_attrs[FAIL_REASON_ATTR] == "interrupted (SIGTERM)"
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    assert client.get_run(cancelled[0].user_attrs[RUN_ID_ATTR]).info.status == "KILLED"
+    parent_id = final.user_attrs["mlflow_parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
+    by_trial = {int(r.data.tags["tlsweep.trial_number"]): r.info.run_id for r in children}
+    assert len(by_trial) == len(children) == len(trials)  # one run per trial
+    assert all(by_trial[t.number] == t.user_attrs[RUN_ID_ATTR] for t in trials)
+    every = client.search_runs([parent.info.experiment_id])
+    assert not [r for r in every if r.info.status == "RUNNING"]
+    assert "leaderboard.csv" in {a.path for a in client.list_artifacts(parent_id)}
+
+    shown = subprocess.run(
+        [*TLSWEEP, "status", "cluster"], cwd=tmp_path, capture_output=True, text=True
+    )  # found from its parent run: no storage given
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("sweep cluster: 4/4 finished, 1 failed; best val_accuracy")
+    assert shown.stdout.strip().endswith("summarised")
+
+
+def _logs(folder: Path) -> str:
+    texts = [p.read_text()[-1500:] for p in sorted((folder / "slurm").rglob("*.err"))]
+    return "\n".join(texts)
