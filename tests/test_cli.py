@@ -359,3 +359,95 @@ def test_a_recorded_database_url_loses_its_hidden_password(
     tag = "postgresql://tlsweep:***@db.example:5432/optuna"
     monkeypatch.setattr(tracking, "sweep_tag", lambda name, key: tag)
     assert recorded_storage("s") == "postgresql://tlsweep@db.example:5432/optuna"
+
+
+# --- Hydra's flags, --version, completion, -m -------------------------------------------------
+
+
+def test_cfg_hydra_and_all(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--cfg", "hydra", "backbone=vgg16"]) == 0
+    hydra = yaml.safe_load(capsys.readouterr().out)["hydra"]
+    assert hydra["runtime"]["choices"]["backbone"] == "vgg16"
+    assert main(["train", "--cfg", "all", "--resolve", "head.dropout=0.2"]) == 0
+    both = capsys.readouterr().out
+    assert "dropout: 0.2" in both and "\nhydra:\n" in f"\n{both}"
+
+
+def test_sweep_cfg_job_prints_the_base_every_trial_starts_from(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["sweep", "quickstart", "--cfg", "job", "train.epochs=7"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["epochs"] == 7
+
+
+def test_info_shows_the_search_path_and_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--info", "optimizer=sgd"]) == 0
+    out = capsys.readouterr().out
+    assert "search path:" in out and "file://" in out
+    assert "  optimizer: sgd" in out and "  backbone: resnet50" in out
+    assert "backbone: " in out.split("choices:")[1]
+
+
+def test_config_dir_and_name_choose_another_root_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from tlsweep.config import config_dir
+
+    monkeypatch.setenv("TLSWEEP_CONFIG_DIR", str(config_dir()))  # restored after the test:
+    monkeypatch.setenv("TLSWEEP_CONFIG_NAME", "config")  # -cd/-cn set them for workers
+    mine = tmp_path / "myconf"
+    shutil.copytree(config_dir(), mine)
+    root = (mine / "config.yaml").read_text().replace("backbone: resnet50", "backbone: vgg16")
+    (mine / "vgg.yaml").write_text(root)
+    assert main(["train", "--cfg", "job", "-cd", str(mine), "-cn", "vgg"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["backbone"]["name"] == "vgg16"
+    assert main(["train", "--cfg", "job", "-cd", str(tmp_path / "none")]) == 2
+    assert "--config-dir=" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tlsweep {version('tlsweep')}"
+
+
+def test_bash_completion_completes_commands_groups_choices_and_sweeps(tmp_path: Path) -> None:
+    script = tmp_path / "complete.sh"
+    done = tlsweep("completion", "bash")
+    assert done.returncode == 0, done.stderr
+    script.write_text(done.stdout)
+    probe = (
+        f"source {script}; compopt() {{ :; }}\n"
+        't() { COMP_LINE="$1"; COMP_POINT=${#COMP_LINE}; _tlsweep; echo "${COMPREPLY[*]}"; }\n'
+        't "tlsweep tr"; t "tlsweep train backbone=vg"; t "tlsweep train --cf"; '
+        't "tlsweep sweep quick"; t "tlsweep sweep q sweep.sampler=r"\n'
+    )
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["train", "vgg16 vgg19", "--cfg", "quickstart", "random"]
+
+
+def test_multirun_without_a_swept_key_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "-m", "head.dropout=0.1"]) == 2
+    assert "-m/--multirun needs at least one KEY=A,B" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_multirun_is_a_tracked_grid_sweep(
+    store_runs: Callable[..., list], capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny = ["data=digits", "data.classes=[0,1,2]", "data.train_limit=60", "data.test_limit=30"]
+    tiny += ["backbone.weights=null", "backbone.input_size=32", "train.epochs=1"]
+    argv = ["train", "-m", *tiny, "head.dropout=0.1,0.3", "sweep.study_name=grid"]
+    assert main(argv) == 0
+    runs = store_runs()
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 2
+    assert sorted(float(r.data.params["head.dropout"]) for r in children) == [0.1, 0.3]
+    assert main(argv) == 0  # the same command: the grid is done, nothing runs again
+    assert len(store_runs()) == 3

@@ -18,6 +18,7 @@ def _restore_handlers() -> Iterator[None]:
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
+    interrupts._pending = None  # what a test's signal left for safe points
 
 
 @pytest.mark.parametrize(
@@ -52,3 +53,21 @@ def test_only_the_first_termination_signal_interrupts() -> None:
 def test_a_plain_keyboard_interrupt_is_ctrl_c() -> None:
     assert interrupts.exit_code(KeyboardInterrupt()) == 130
     assert interrupts.description(KeyboardInterrupt()) == "Ctrl-C"
+
+
+def test_an_interrupt_swallowed_by_a_finalizer_is_raised_at_the_next_safe_point() -> None:
+    """A signal handled while the garbage collector runs a ``__del__`` (or a weakref
+    callback) raises where Python only prints "Exception ignored": the chaos benchmark caught
+    a worker that trained on after its SIGTERM. The interruption comes back at a safe point."""
+    interrupts.install()
+
+    class Finalized:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises in here
+
+    Finalized()  # collected at once: the interruption is swallowed
+    with pytest.raises(interrupts.Interrupted) as raised:
+        interrupts.raise_pending()
+    assert raised.value.signum == signal.SIGTERM
+    interrupts.handled(raised.value)
+    interrupts.raise_pending()  # being handled: its clean-up is not interrupted again

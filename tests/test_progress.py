@@ -57,8 +57,9 @@ def test_quiet_keeps_failures_and_drops_the_rest(monkeypatch: pytest.MonkeyPatch
 def test_third_party_info_logging_only_with_verbose(
     flag: str | None, level: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv(logs.VERBOSITY_ENV, raising=False)
-    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    monkeypatch.setenv(logs.VERBOSITY_ENV, "0")  # restored after the test: -v sets it
+    monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "unset")  # so that the test's value is undone
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL")
     main(["cache", "ls", *([flag] if flag else [])])
     assert logging.getLevelName(logging.getLogger("mlflow").level) == level
     assert logs.verbosity() == (1 if flag else 0)

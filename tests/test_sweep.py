@@ -556,6 +556,22 @@ def test_parent_holds_leaderboard_and_plots(swept: Swept) -> None:
 
 
 @pytest.mark.slow
+def test_runs_carry_descriptions_the_ui_shows(swept: Swept) -> None:
+    """``mlflow.note.content``: the sweep (objective, space, best so far) on the parent, the
+    sampled values on each trial."""
+    client, study = swept.client, swept.study()
+    parent = client.get_run(swept.second.parent_run_id).data.tags["mlflow.note.content"]
+    assert parent.startswith("Sweep `") and "val_accuracy (maximize)" in parent
+    assert "- `head.dropout`:" in parent
+    best = study.best_trial
+    assert f"Best so far: trial {best.number}, val_accuracy {best.value:.4f}" in parent
+    for trial in study.trials:
+        note = client.get_run(trial.user_attrs[RUN_ID_ATTR]).data.tags["mlflow.note.content"]
+        assert note.startswith(f"Trial {trial.number} of sweep")
+        assert f"`head.dropout={trial.params['head.dropout']}`" in note
+
+
+@pytest.mark.slow
 def test_best_so_far_trials_keep_their_head_and_the_champion_its_model(swept: Swept) -> None:
     """A trial that beat every earlier one stores its head's weights; only the best trial
     gets the full model, assembled at the end of the sweep."""
@@ -582,6 +598,12 @@ def test_champion_is_the_best_trial_and_predicts(swept: Swept) -> None:
     assert swept.second.champion_uri == "models:/tiny@champion"
     version = swept.client.get_model_version_by_alias("tiny", "champion")
     assert version.run_id == best_run
+    best = study.best_trial  # the registry's own description and tags say what it is
+    assert version.description.startswith(f"Best trial ({best.number}) of sweep tiny:")
+    assert version.tags["study"] == "tiny" and version.tags["trial"] == str(best.number)
+    assert float(version.tags["val_accuracy"]) == pytest.approx(best.value)
+    best_params = swept.client.get_run(best_run).data.params
+    assert version.tags["data_fingerprint"] == best_params["data.fingerprint"]
     parent_tags = swept.client.get_run(swept.second.parent_run_id).data.tags
     assert parent_tags["best.run_id"] == best_run
     mlflow.set_tracking_uri(swept.uri)

@@ -124,6 +124,45 @@ def test_params_hold_the_config_data_model_and_versions(tracked: Tracked) -> Non
     assert params["keras.backend"] == keras.backend.backend()
 
 
+def test_splits_are_logged_as_datasets(tracked: Tracked) -> None:
+    """The UI's Datasets column: one input per split, with its context and fingerprint."""
+    inputs = tracked.client.get_run(tracked.run_id).inputs.dataset_inputs
+    contexts = {i.tags[0].value: i.dataset for i in inputs if i.tags}
+    assert set(contexts) == {"train", "val", "test"}
+    fingerprints = json.loads(tracked.download("data.json", tracked.root / "ds").read_text())
+    for split, dataset in contexts.items():
+        assert dataset.name == "digits"
+        assert dataset.digest == fingerprints["split_fingerprints"][split][:36]
+        assert json.loads(dataset.profile)["num_rows"] > 0
+
+
+def test_source_tags_name_the_commit_and_a_dirty_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "train.py").write_text("print('v1')\n")
+    git("add", "train.py")
+    git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "v1")
+    git("remote", "add", "origin", "https://user:s3cret@example.com/repo.git")
+    monkeypatch.chdir(tmp_path)
+    tracking.source_tags.cache_clear()
+    tags = tracking.source_tags()
+    assert tags["mlflow.source.git.commit"] == git("rev-parse", "HEAD")
+    assert tags["tlsweep.git.dirty"] == "False"
+    assert "s3cret" not in tags["mlflow.source.git.repoURL"]
+    (tmp_path / "train.py").write_text("print('v2')\n")
+    tracking.source_tags.cache_clear()
+    assert tracking.source_tags()["tlsweep.git.dirty"] == "True"
+    tracking.source_tags.cache_clear()  # the next tests run elsewhere
+
+
 def test_per_epoch_metrics(tracked: Tracked) -> None:
     history = tracked.result.train_result.history
     assert len(history) == EPOCHS

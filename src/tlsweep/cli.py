@@ -85,6 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_arguments(parser, argv)
     if args.quiet or args.verbose:
         logs.set_verbosity(1 if args.verbose else -1)
+    try:
+        _use_config_location(args)
+    except UserError as exc:
+        print(f"tlsweep: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     logs.apply_verbosity()  # a worker's level comes in its environment
     interrupts.install()
     try:
@@ -93,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tlsweep: error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
+        interrupts.handled(exc)
         how = interrupts.description(exc)
         print("tlsweep: interrupted" + ("" if how == "Ctrl-C" else f" ({how})"), file=sys.stderr)
         return interrupts.exit_code(exc)
@@ -154,11 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tlsweep",
         description="Hyperparameter sweeps of transfer-learning image classifiers.",
     )
+    parser.add_argument("--version", action="version", version=f"tlsweep {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = _command(commands, "train", cmd_train, "train one model, tracked in MLflow")
     train.formatter_class = argparse.RawDescriptionHelpFormatter
     train.epilog = groups_help() + "\n" + KEY_REFERENCE
-    train.add_argument("--cfg", choices=["job"], help="print the resolved config and exit")
+    _hydra_flags(train)
+    train.add_argument(
+        "-m",
+        "--multirun",
+        action="store_true",
+        help="run every combination of KEY=A,B values as a tracked grid sweep",
+    )
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides")
 
     sweep = _command(commands, "sweep", cmd_sweep, "run or resume a sweep from sweeps/NAME.yaml")
@@ -191,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="local: worker processes here (default); slurm: --workers N jobs on a Slurm "
         "cluster (one job array, resources from launcher.KEY=VALUE, see conf/launcher/)",
     )
+    _hydra_flags(sweep)
     sweep.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     sweep.add_argument("--summarize", action="store_true", help=argparse.SUPPRESS)
 
@@ -257,7 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.add_argument("--top-k", type=int, default=3)
+
+    shell = _command(
+        commands, "completion", cmd_completion, 'shell completion: eval "$(tlsweep completion)"'
+    )
+    shell.add_argument("shell", nargs="?", choices=["bash", "zsh"], default="bash")
     return parser
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from tlsweep.completion import bash_script
+
+    if args.shell == "zsh":
+        print("autoload -U +X bashcompinit && bashcompinit")
+    print(bash_script(build_parser()), end="")
+    return 0
 
 
 def groups_help() -> str:
@@ -268,11 +296,16 @@ def groups_help() -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tlsweep.config import load_config, to_yaml
+    from tlsweep.config import config_info, load_config
 
+    if args.info:
+        print(config_info(args.overrides), end="")
+        return 0
+    if args.multirun:
+        return _multirun(args.overrides)
     cfg = load_config(args.overrides)
     if args.cfg:
-        print(to_yaml(cfg), end="")
+        _print_config(args.cfg, args.overrides, args.resolve)
         return 0
     backend.import_quietly()
     from tlsweep.experiment import run
@@ -307,6 +340,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep_args = [args.name, *(o for o in args.overrides if o not in launcher)]
     overrides = [*sweep_args[1:], *(worker_overrides() if args.worker else [])]
     spec = load_sweep(args.name, overrides)  # bad input is refused before TF loads
+    if args.info or args.cfg:  # the base config every trial starts from
+        from tlsweep.config import config_info
+
+        if args.info:
+            print(config_info(spec.base), end="")
+        else:
+            _print_config(args.cfg, spec.base, args.resolve)
+        return 0
     if args.launcher == "slurm":
         return _submit_to_slurm(spec, sweep_args, args.workers, launcher)
     backend.import_quietly()
@@ -319,6 +360,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         summary = run_workers(spec, [args.name, *args.overrides], args.workers, gpus)
     else:
         summary = run_sweep(spec)
+    return 0 if summary.best_value is not None and not summary.shortfall else 1
+
+
+def _multirun(overrides: Sequence[str]) -> int:
+    """``train -m a=1,2 b=3,4``: the grid as a tracked sweep (parent run, a child per point)."""
+    from tlsweep.sweepspec import multirun_spec
+
+    spec = multirun_spec(overrides)
+    backend.import_quietly()
+    from tlsweep.sweep import run_sweep
+
+    summary = run_sweep(spec)
     return 0 if summary.best_value is not None and not summary.shortfall else 1
 
 
@@ -526,6 +579,51 @@ def cmd_predict(args: argparse.Namespace) -> int:
         shown = "  ".join(f"{names[i] if names else i} {row[i]:.3f}" for i in top)
         print(f"{path}: {shown}")
     return 0
+
+
+def _hydra_flags(sub: argparse.ArgumentParser) -> None:
+    """The flags a Hydra user types: --cfg, --resolve, --info, -cd, -cn."""
+    sub.add_argument(
+        "--cfg",
+        choices=["job", "hydra", "all"],
+        help="print the config (job: the model's, resolved; hydra: Hydra's own; all) and exit",
+    )
+    sub.add_argument("--resolve", action="store_true", help="with --cfg hydra|all: resolve it")
+    sub.add_argument(
+        "--info", action="store_true", help="print the config search path and defaults, and exit"
+    )
+    sub.add_argument("-cd", "--config-dir", metavar="DIR", help="the config folder (conf/)")
+    sub.add_argument("-cn", "--config-name", metavar="NAME", help="the root config in it (config)")
+
+
+def _use_config_location(args: argparse.Namespace) -> None:
+    """-cd/-cn, through the environment: worker processes compose the same configs."""
+    if getattr(args, "config_dir", None):
+        folder = Path(args.config_dir).expanduser().resolve()
+        if not folder.is_dir():
+            raise UserError(f"--config-dir={args.config_dir} is not a folder")
+        os.environ["TLSWEEP_CONFIG_DIR"] = str(folder)
+    if getattr(args, "config_name", None):
+        os.environ["TLSWEEP_CONFIG_NAME"] = args.config_name.removesuffix(".yaml")
+
+
+def _print_config(what: str, overrides: Sequence[str], resolve: bool) -> None:
+    """``--cfg job|hydra|all``: the model's config (typed and resolved), Hydra's, or both."""
+    from tlsweep.config import hydra_yaml, load_config, to_yaml
+
+    if what in ("job", "all"):
+        print(to_yaml(load_config(overrides)), end="")
+    if what in ("hydra", "all"):
+        print(hydra_yaml(overrides, resolve), end="")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tlsweep")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _command(

@@ -181,8 +181,14 @@ def group_choices(group: str) -> list[str]:
     return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
-def compose(overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose ``conf/config.yaml`` with Hydra overrides; bad overrides raise `UserError`."""
+def config_name() -> str:
+    """The root config's name (``config``; ``-cn NAME`` sets ``$TLSWEEP_CONFIG_NAME``)."""
+    return os.environ.get("TLSWEEP_CONFIG_NAME", "config")
+
+
+def compose(overrides: Sequence[str] = (), with_hydra: bool = False) -> DictConfig:
+    """Compose ``conf/config.yaml`` with Hydra overrides; bad overrides raise `UserError`.
+    ``with_hydra`` adds Hydra's own config under ``hydra`` (for ``--cfg hydra``, ``--info``)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -190,12 +196,40 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     _check_group_choices(overrides)
     try:
         with initialize_config_dir(str(config_dir()), version_base=None, job_name="tlsweep"):
-            return hydra_compose(config_name="config", overrides=list(overrides))
+            return hydra_compose(
+                config_name=config_name(),
+                overrides=list(overrides),
+                return_hydra_config=with_hydra,
+            )
     except (HydraException, OmegaConfBaseException) as exc:
         unknown = re.search(r"Could not override '([^']+)'", str(exc))
         if unknown:  # Hydra's advice (append with +KEY) would only fail the schema check
             raise UserError(_unknown_key_message(unknown.group(1))) from None
         raise UserError(f"bad override: {_first_line(exc)}") from None
+
+
+def hydra_yaml(overrides: Sequence[str] = (), resolve: bool = False) -> str:
+    """Hydra's own config for these overrides, as ``--cfg hydra`` prints it. Interpolations
+    that only a running Hydra app can fill (``hydra.job.num``) stay as they are."""
+    hydra = compose(overrides, with_hydra=True).hydra
+    try:
+        content = OmegaConf.to_container(hydra, resolve=resolve)
+    except OmegaConfBaseException:
+        content = OmegaConf.to_container(hydra, resolve=False)
+    return OmegaConf.to_yaml({"hydra": content})
+
+
+def config_info(overrides: Sequence[str] = ()) -> str:
+    """What ``--info`` prints: the config search path and the defaults chosen per group."""
+    runtime = compose(overrides, with_hydra=True).hydra.runtime
+    lines = [f"config name: {config_name()}", "search path:"]
+    lines += [f"  {s.provider:<8} {s.schema}://{s.path}" for s in runtime.config_sources]
+    lines.append("defaults (group: choice):")
+    choices = {k: v for k, v in runtime.choices.items() if not k.startswith("hydra/")}
+    lines += [f"  {group}: {choice}" for group, choice in sorted(choices.items())]
+    lines.append("choices:")
+    lines += [f"  {group}: {', '.join(group_choices(group))}" for group in CONFIG_GROUPS]
+    return "\n".join(lines) + "\n"
 
 
 def load_config(overrides: Sequence[str] = ()) -> Config:

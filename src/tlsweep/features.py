@@ -36,7 +36,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from tlsweep import backend
+from tlsweep import backend, interrupts
 from tlsweep.backbones import custom_source_identity, preprocess_mode, weights_digest
 from tlsweep.config import CacheConfig, Config
 from tlsweep.data import RENDERING, ImageData, Split
@@ -318,6 +318,7 @@ def feature_blocks(
     batches = ImageBatches(split, batch_size)  # the next batches are read meanwhile
     with _progress(f"features {name}", len(batches)) as advance:
         for index in range(len(batches)):
+            interrupts.raise_pending()  # a signal swallowed where it landed stops here
             images, _ = batches[index]
             n = len(images)
             if n < batch_size:

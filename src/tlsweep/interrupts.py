@@ -10,6 +10,11 @@ the parent run can be resumed, and the process exits with 128 + the signal's num
 Only the first signal interrupts: the clean-up that follows it must not be cut short by the
 second copy a process group receives (the supervisor forwards the signal to its workers,
 which may have had it already). A second Ctrl-C still stops a process that hangs.
+
+An exception raised by a signal handler can land where Python swallows it: in a ``__del__``
+or a weakref callback run by the garbage collector, which only prints "Exception ignored".
+The interruption is then remembered and raised again at the next safe point
+(`raise_pending`: every training batch, every trial, the trial loop, the feature pass).
 """
 
 from __future__ import annotations
@@ -18,6 +23,22 @@ import signal
 from types import FrameType
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_pending: Interrupted | None = None  # the signal received, until it is seen handled
+
+
+def raise_pending() -> None:
+    """Raise the interruption that a signal raised where it was swallowed; nothing if none
+    came or it is being handled (`handled`)."""
+    if _pending is not None:
+        raise _pending
+
+
+def handled(exc: BaseException) -> None:
+    """Say that ``exc``, an interruption, reached code that handles it: safe points stop
+    raising it again (its clean-up must run to its end)."""
+    global _pending
+    if isinstance(exc, KeyboardInterrupt):
+        _pending = None
 
 
 class Interrupted(KeyboardInterrupt):
@@ -54,7 +75,9 @@ def exit_code(exc: BaseException) -> int:
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
+    global _pending
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up runs to its end...
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # ...unless Ctrl-C is pressed again
-    raise Interrupted(signum)
+    _pending = Interrupted(signum)
+    raise _pending

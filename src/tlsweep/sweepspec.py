@@ -198,6 +198,32 @@ def load_sweep(name: str, cli_overrides: Sequence[str] = ()) -> SweepSpec:
     return spec
 
 
+def multirun_spec(overrides: Sequence[str]) -> SweepSpec:
+    """``tlsweep train -m a=1,2 b=x,y c=3``: a grid sweep over the comma-separated values
+    (or any ``choice``/``range`` expression), tracked like any sweep: one parent run, a child
+    run per combination. Its study is named after the overrides (``multirun-`` and a short
+    hash) unless ``sweep.study_name=`` says otherwise, so the same command resumes it."""
+    import hashlib
+
+    base: list[str] = []
+    space: dict[str, Dimension] = {}
+    digest = hashlib.sha256("\0".join(overrides).encode()).hexdigest()[:8]
+    settings: dict[str, Any] = {"study_name": f"multirun-{digest}", "sampler": "grid"}
+    _apply_cli(overrides, base, space, settings)
+    if not space:
+        raise UserError(
+            "-m/--multirun needs at least one KEY=A,B (or choice(...), range(...)) to sweep; "
+            "without one, drop -m"
+        )
+    grid = math.prod(len(dim.grid_values()) for dim in space.values())
+    settings.setdefault("n_trials", grid)
+    _objective_defaults(settings)
+    name = str(settings["study_name"])
+    spec = SweepSpec(name, tuple(base), tuple(space.values()), _settings(settings))
+    validate_sweep(spec)
+    return spec
+
+
 def parse_dimension(key: str, expression: str) -> Dimension:
     """``choice(...)``, ``range(a, b, step=s)``, ``interval(a, b)``, ``int(interval(...))`` and
     ``tag(log, ...)``, parsed by Hydra's override parser."""

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -24,7 +25,7 @@ from urllib.request import url2pathname
 import numpy as np
 import pandas as pd
 
-from tlsweep import backend
+from tlsweep import backend, interrupts
 from tlsweep.config import Config, TrackingConfig, flatten, to_yaml
 from tlsweep.data import ImageData
 from tlsweep.errors import NO_SPACE, UserError
@@ -108,14 +109,38 @@ def start_run(
     Call `connect` first. A run nested under ``parent_run_id`` works whether or not the parent
     is the active run in this process (workers on other machines share one parent).
     """
+    parent = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
     run = mlflow.MlflowClient().create_run(
         experiment_id(experiment),
         run_name=run_name,
-        tags={**({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}), **(tags or {})},
+        tags={**source_tags(), **parent, **(tags or {})},
     )
     run_id = run.info.run_id
     with guard_run(run_id):
         yield run_id
+
+
+@functools.cache
+def source_tags() -> dict[str, str]:
+    """MLflow's ``mlflow.source.*`` tags: tlsweep as the entry point and, when it runs in a git
+    repository, its commit, its remote (credentials scrubbed) and whether the tree has
+    uncommitted changes (``tlsweep.git.dirty``: a run that cannot be checked out exactly)."""
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": "tlsweep"}
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        if remote := git("config", "--get", "remote.origin.url"):
+            tags["mlflow.source.git.repoURL"] = redact(remote)
+        tags["tlsweep.git.dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no")))
+    return tags
 
 
 def _artifact_writes(function: Callable[P, R]) -> Callable[P, R]:
@@ -164,6 +189,7 @@ def guard_run(run_id: str, end: bool = True) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
+        interrupts.handled(exc)  # the run's end below must not be interrupted again
         if not is_unreachable(exc):
             _end_failed(client, run_id, exc)
         raise
@@ -279,6 +305,7 @@ def log_inputs(
         }
     )
     mlflow.log_params({k: redact(_param_value(v)) for k, v in params.items()}, run_id=run_id)
+    log_datasets(run_id, cfg, data)
     described = {
         "class_names": list(data.class_names),
         "split_fingerprints": data.split_fingerprints,
@@ -287,6 +314,37 @@ def log_inputs(
         (Path(tmp) / "config.yaml").write_text(redact(to_yaml(cfg)))
         (Path(tmp) / "data.json").write_text(json.dumps(described, indent=2))
         _upload(run_id, Path(tmp))
+
+
+def log_datasets(run_id: str, cfg: Config, data: ImageData) -> None:
+    """The splits as MLflow dataset inputs (the UI's Datasets column and filter): name, digest
+    (the split's fingerprint), source, row count, and context train, val or test."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = {"source": cfg.data.source, "path": cfg.data.path, "classes": data.class_names}
+    inputs = [
+        DatasetInput(
+            dataset=Dataset(
+                name=cfg.data.name,
+                digest=fingerprint[:36],  # MLflow's limit
+                source_type="local" if cfg.data.path else cfg.data.source,
+                source=redact(json.dumps(source, default=str)),
+                profile=json.dumps({"num_rows": data.counts.get(split, 0)}),
+            ),
+            tags=[InputTag(key="mlflow.data.context", value=split)],
+        )
+        for split, fingerprint in sorted(data.split_fingerprints.items())
+    ]
+    client = mlflow.MlflowClient()
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            # MLflow creates a dataset on first use without a lock: two runs logging the same
+            # new dataset at once collide on its unique key; the loser's retry finds it made.
+            if attempt == 2 or "unique" not in str(exc).lower():
+                raise
 
 
 @_artifact_writes
@@ -408,7 +466,9 @@ def open_parent_run(experiment: str, run_id: str | None, tags: Mapping[str, str]
             client.update_run(run_id, status="RUNNING")
             set_tags(run_id, tags)
             return run_id
-    run = client.create_run(experiment_id(experiment), run_name=experiment, tags=dict(tags))
+    run = client.create_run(
+        experiment_id(experiment), run_name=experiment, tags={**source_tags(), **tags}
+    )
     client.set_tag(run.info.run_id, "tlsweep.role", "sweep")
     return run.info.run_id
 
@@ -530,8 +590,15 @@ def record_best(
     log_parent_metrics(run_id, {"best_trial": trial, **metrics})
 
 
-def register_champion(run_id: str, name: str, alias: str = "champion") -> str | None:
-    """Register the run's full model under ``name`` and point ``alias`` at it.
+def register_champion(
+    run_id: str,
+    name: str,
+    alias: str = "champion",
+    description: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> str | None:
+    """Register the run's full model under ``name`` and point ``alias`` at it; the version
+    gets ``description`` and ``tags`` (plus the run's data fingerprint) for the registry's UI.
 
     Returns ``models:/NAME@ALIAS``, or None when the run holds no model.
     """
@@ -541,12 +608,18 @@ def register_champion(run_id: str, name: str, alias: str = "champion") -> str | 
     except mlflow.exceptions.MlflowException:
         current = None
     if current is not None and current.run_id == run_id:
-        return f"models:/{name}@{alias}"
-    # The run's existing version, if a process registered it and stopped before the alias.
-    version = _model_version_of_run(client, name, run_id)
-    if version is None:
-        return None
-    client.set_registered_model_alias(name, alias, version)
+        version: str | None = current.version
+    else:  # the run's existing version, if a process registered it and stopped before the alias
+        version = _model_version_of_run(client, name, run_id)
+        if version is None:
+            return None
+        client.set_registered_model_alias(name, alias, version)
+    fingerprint = client.get_run(run_id).data.params.get("data.fingerprint")
+    labels = {**(tags or {}), **({"data_fingerprint": fingerprint} if fingerprint else {})}
+    for key, value in labels.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    if description:
+        client.update_model_version(name, version, description=description)
     return f"models:/{name}@{alias}"
 
 

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from tlsweep import backend
+from tlsweep import backend, interrupts
 from tlsweep.config import Config, TrainConfig
 from tlsweep.data import ImageData, Split
 from tlsweep.features import Features
@@ -107,7 +107,7 @@ def train(
     if features is not None and cfg.augment.enabled:
         raise ValueError("augmenting runs train end to end: cached features cannot serve them")
     keeper = KeepBestWeights(cfg.train.early_stopping.monitor, model)
-    shared = [LearningRateLogger(), FailOnNaN(), keeper, *callbacks]
+    shared = [Interruptible(), LearningRateLogger(), FailOnNaN(), keeper, *callbacks]
     history = fit_stages(model, cfg, data, shared, features)
     keeper.restore()
     backbone_changed = "fine_tune" in set(history["stage"])
@@ -293,8 +293,23 @@ class LearningRateLogger(keras.callbacks.Callback):
             )
 
 
+class Interruptible(keras.callbacks.Callback):
+    """A safe point every batch for a signal whose interruption was swallowed where it
+    landed (see `tlsweep.interrupts`)."""
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        interrupts.raise_pending()
+
+    def on_test_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        interrupts.raise_pending()
+
+
 class FailOnNaN(keras.callbacks.Callback):
-    """Turns a NaN or infinite loss into an error (a failed run), not a silent stop."""
+    """Turns a NaN or infinite loss into an error (a failed run), not a silent stop.
+
+    Not Keras's ``TerminateOnNaN(raise_error=True)``: that one reads the loss after every
+    batch, a device-to-host copy per step; an epoch's mean loss is NaN whenever a batch's was.
+    """
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         loss = (logs or {}).get("loss")

@@ -59,6 +59,7 @@ class Objective:
         self.outage: OutageError | None = None  # a gone server or a full disk a trial met
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        interrupts.raise_pending()
         trial.set_user_attr(WORKER_ATTR, self.worker)
         self.on_start()
         params = {dim.key: suggest(trial, dim) for dim in self.spec.space}
@@ -71,6 +72,8 @@ class Objective:
             "tlsweep.trial_number": str(trial.number),
             "tlsweep.trial_state": "RUNNING",
             "tlsweep.sampled_params": json.dumps(params),
+            "mlflow.note.content": f"Trial {trial.number} of sweep `{s.study_name}`: "
+            + ", ".join(f"`{k}={v}`" for k, v in params.items()),
         }
         self.progress.trial_started(trial.number, params)
         started = time.monotonic()
@@ -98,6 +101,7 @@ class Objective:
                 state = "PRUNED" if reporter.stop_run else "COMPLETE"
                 tracking.set_tags(run_id, {"tlsweep.trial_state": state})
         except BaseException as exc:  # Ctrl-C too: Optuna records it as FAIL, so must we
+            interrupts.handled(exc)
             outage = tracking.is_unreachable(exc)
             full = full_disk(exc)
             if isinstance(exc, KeyboardInterrupt):  # SIGINT, SIGTERM or SIGHUP: run it again

@@ -18,7 +18,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from tlsweep import tracking
+from tlsweep import interrupts, tracking
 from tlsweep.backbones import BackboneCache
 from tlsweep.config import ComposedBase, Config
 from tlsweep.experiment import prepare
@@ -177,6 +177,7 @@ def work(session: Session, progress: SweepProgress, worker: str | None = None) -
     patience = 2 * (s.grace_period or 4 * s.heartbeat_interval)  # bound on waiting for others
     waited = 0.0
     while failures < max_failures:
+        interrupts.raise_pending()  # a signal swallowed where it landed stops the loop here
         if deadline is not None and time.monotonic() >= deadline:
             return "timeout"
         optuna.storages.fail_stale_trials(study)  # trials of workers that stopped beating

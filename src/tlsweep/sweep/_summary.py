@@ -97,9 +97,18 @@ def summarize(
         best.params,
         {"best_value": best.value, **_test_metrics(row)},
     )
+    shown = ", ".join(f"{k}={v}" for k, v in best.params.items())
+    best_line = f"Best so far: trial {best.number}, {s.metric} {best.value:.4f} ({shown})."
+    tracking.set_tags(parent_run_id, {NOTE: sweep_description(spec, best_line)})
     champion = None
     if best_run and materialize_model(best_run, backbones, trial_config(spec, best)):
-        champion = tracking.register_champion(best_run, s.study_name)
+        champion = tracking.register_champion(
+            best_run,
+            s.study_name,
+            description=f"Best trial ({best.number}) of sweep {s.study_name}: {s.metric} "
+            f"{best.value:.4f}; {shown}",
+            tags={"study": s.study_name, "trial": best.number, s.metric: best.value},
+        )
     return SweepSummary(s.study_name, parent_run_id, board, best_run, best.value, champion)
 
 
@@ -414,6 +423,9 @@ def _test_metrics(row: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
+NOTE = "mlflow.note.content"  # a run's description in the MLflow UI
+
+
 def parent_tags(spec: SweepSpec, url: str) -> dict[str, str]:
     s = spec.settings
     tags = {f"sweep.{key}": str(value) for key, value in vars(s).items() if key != "storage"}
@@ -421,7 +433,20 @@ def parent_tags(spec: SweepSpec, url: str) -> dict[str, str]:
     tags["sweep.base"] = " ".join(spec.base)
     for dim in spec.space:
         tags[f"space.{dim.key}"] = _describe(dim)
+    tags[NOTE] = sweep_description(spec)
     return tags
+
+
+def sweep_description(spec: SweepSpec, best: str = "") -> str:
+    """The parent run's description (Markdown, shown in the MLflow UI)."""
+    s = spec.settings
+    objective = ", ".join(f"{name} ({direction})" for name, direction in s.objective_pairs)
+    space = "\n".join(f"- `{dim.key}`: {_describe(dim)}" for dim in spec.space)
+    text = (
+        f"Sweep `{spec.name}` (study `{s.study_name}`): {s.n_trials} trials, sampler "
+        f"`{s.sampler}`, pruner `{s.pruner}`, objective {objective}.\n\nSearch space:\n{space}"
+    )
+    return text + (f"\n\n{best}" if best else "")
 
 
 def _describe(dim: Dimension) -> str:

@@ -70,7 +70,8 @@ def run_workers(
     try:
         with tracking.guard_run(session.parent_run_id, end=False):
             _supervise(session, start, running)
-    except BaseException:  # Ctrl-C, SIGTERM or SIGHUP, here or in a worker; a refusal...
+    except BaseException as exc:  # Ctrl-C, SIGTERM or SIGHUP, here or in a worker; a refusal...
+        interrupts.handled(exc)
         _stop_all(session, running)
         raise
     return finish(session, progress)
