@@ -117,34 +117,20 @@ def _job_of(pid: int) -> str | None:
     return env.get("SLURM_JOB_ID")
 
 
-@pytest.mark.slow
-def test_two_slurm_jobs_finish_a_study_exactly_though_one_is_cancelled(
-    slurm: None, tmp_path: Path, write_sweep: Callable[..., Path]
-) -> None:
-    """``tlsweep sweep --launcher slurm --workers 2`` submits a job array and returns; one job
-    is ``scancel``led while it trains (SIGTERM: its trial is failed and queued again, its run
-    KILLED); the other job runs the retry, finds the study complete and summarises it. The
-    study ends with exactly n_trials finished, one run per trial, nothing RUNNING."""
+def _submit(tmp_path: Path, write_sweep: Callable[..., Path], n_trials: int, jobs: int):
+    """A sweep of ``n_trials`` long trials on a journal, submitted as ``jobs`` worker jobs:
+    returns the job ids and a function that loads the study."""
     journal = tmp_path / "study.journal"
     path = write_sweep(
         tmp_path,
         {"head.dropout": "interval(0.0, 0.5)"},
-        {"study_name": "cluster", "n_trials": 4, "storage": f"journal://{journal}"},
+        {"study_name": "cluster", "n_trials": n_trials, "storage": f"journal://{journal}"},
         base={"train.epochs": 150, "train.early_stopping.patience": None},
     )
+    launcher = ["launcher.cpus_per_task=1", "launcher.time_min=20"]
+    launcher.append(f"launcher.logs={tmp_path / 'slurm'}")
     submitted = subprocess.run(
-        [
-            *TLSWEEP,
-            "sweep",
-            str(path),
-            "--launcher",
-            "slurm",
-            "--workers",
-            "2",
-            "launcher.cpus_per_task=1",
-            "launcher.time_min=20",
-            f"launcher.logs={tmp_path / 'slurm'}",
-        ],
+        [*TLSWEEP, "sweep", str(path), "--launcher", "slurm", "--workers", str(jobs), *launcher],
         cwd=tmp_path,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
         capture_output=True,
@@ -152,44 +138,43 @@ def test_two_slurm_jobs_finish_a_study_exactly_though_one_is_cancelled(
         timeout=300,
     )
     assert submitted.returncode == 0, submitted.stderr[-3000:]
-    jobs = re.search(r"worker job\(s\) for sweep cluster: (.+)", submitted.stdout)
-    assert jobs, submitted.stdout
-    job_ids = jobs.group(1).split()
-    assert len(job_ids) == 2 and "tlsweep status cluster --follow" in submitted.stdout
+    found = re.search(r"worker job\(s\) for sweep cluster: (.+)", submitted.stdout)
+    assert found, submitted.stdout
+    assert "tlsweep status cluster --follow" in submitted.stdout
     store = open_storage(f"journal://{journal}")
+    return found.group(1).split(), lambda: optuna.load_study(study_name="cluster", storage=store)
 
-    def study() -> optuna.Study:
-        return optuna.load_study(study_name="cluster", storage=store)
 
-    try:
-        deadline = time.monotonic() + 300
-        victim = None
-        while victim is None:  # a job with a trial of its own under way
-            assert time.monotonic() < deadline and not ended(study()), _logs(tmp_path)
-            training = [
-                _job_of(int(t.user_attrs[WORKER_ATTR].rpartition(":")[2]))
-                for t in study().get_trials(states=(TrialState.RUNNING,))
-                if t.user_attrs.get(WORKER_ATTR) and t.intermediate_values
-            ]
-            victim = next((job for job in training if job in job_ids), None)
-            time.sleep(0.5)  # polling the study for a trial under way
-        subprocess.run(["scancel", victim], check=True)
-        while not ended(study()):
-            assert time.monotonic() < deadline + 300, _logs(tmp_path)
-            time.sleep(1)  # polling the study until a job has summarised it
-    finally:
-        subprocess.run(["scancel", *job_ids], check=False)
+def _job_training(study: Callable[[], optuna.Study], job_ids: list[str], folder: Path) -> str:
+    """Wait for one of the jobs to be training a trial (an epoch reported); returns its id."""
+    deadline = time.monotonic() + 300
+    while True:
+        assert time.monotonic() < deadline and not ended(study()), _logs(folder)
+        training = [
+            _job_of(int(t.user_attrs[WORKER_ATTR].rpartition(":")[2]))
+            for t in study().get_trials(states=(TrialState.RUNNING,))
+            if t.user_attrs.get(WORKER_ATTR) and t.intermediate_values
+        ]
+        if job := next((j for j in training if j in job_ids), None):
+            return job
+        time.sleep(0.5)  # polling the study for a trial under way
 
-    final = study()
-    trials = final.trials
-    assert len([t for t in trials if t.state in FINISHED]) == 4
+
+def _wait_until_ended(study: Callable[[], optuna.Study], folder: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not ended(study()):
+        assert time.monotonic() < deadline, _logs(folder)
+        time.sleep(1)  # polling the study until a job has summarised it
+
+
+def _assert_exact(study: optuna.Study, n_trials: int) -> list[optuna.trial.FrozenTrial]:
+    """n_trials finished, nothing running or queued, one run per trial (its own), no run
+    RUNNING, the parent FINISHED with its leaderboard; returns the failed trials."""
+    trials = study.trials
+    assert len([t for t in trials if t.state in FINISHED]) == n_trials
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    cancelled = [t for t in trials if t.state == TrialState.FAIL]
-    assert len(cancelled) == 1, [(t.number, t.state, t.user_attrs) for t in trials]
-    assert cancelled[0].user_attrs[FAIL_REASON_ATTR] == "interrupted (SIGTERM)"
     client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
-    assert client.get_run(cancelled[0].user_attrs[RUN_ID_ATTR]).info.status == "KILLED"
-    parent_id = final.user_attrs["mlflow_parent_run_id"]
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
     children = client.search_runs(
@@ -201,6 +186,29 @@ def test_two_slurm_jobs_finish_a_study_exactly_though_one_is_cancelled(
     every = client.search_runs([parent.info.experiment_id])
     assert not [r for r in every if r.info.status == "RUNNING"]
     assert "leaderboard.csv" in {a.path for a in client.list_artifacts(parent_id)}
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    for trial in failed:
+        assert trial.user_attrs[FAIL_REASON_ATTR] == "interrupted (SIGTERM)"
+        assert client.get_run(trial.user_attrs[RUN_ID_ATTR]).info.status == "KILLED"
+    return failed
+
+
+@pytest.mark.slow
+def test_two_slurm_jobs_finish_a_study_exactly_though_one_is_cancelled(
+    slurm: None, tmp_path: Path, write_sweep: Callable[..., Path]
+) -> None:
+    """``tlsweep sweep --launcher slurm --workers 2`` submits a job array and returns; one job
+    is ``scancel``led while it trains (SIGTERM: its trial is failed and queued again, its run
+    KILLED); the other job runs the retry, finds the study complete and summarises it. The
+    study ends with exactly n_trials finished, one run per trial, nothing RUNNING."""
+    job_ids, study = _submit(tmp_path, write_sweep, n_trials=4, jobs=2)
+    try:
+        assert len(job_ids) == 2
+        subprocess.run(["scancel", _job_training(study, job_ids, tmp_path)], check=True)
+        _wait_until_ended(study, tmp_path, timeout=600)
+    finally:
+        subprocess.run(["scancel", *job_ids], check=False)
+    assert len(_assert_exact(study(), n_trials=4)) == 1
 
     shown = subprocess.run(
         [*TLSWEEP, "status", "cluster"], cwd=tmp_path, capture_output=True, text=True
@@ -208,6 +216,26 @@ def test_two_slurm_jobs_finish_a_study_exactly_though_one_is_cancelled(
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("sweep cluster: 4/4 finished, 1 failed; best val_accuracy")
     assert shown.stdout.strip().endswith("summarised")
+
+
+@pytest.mark.slow
+def test_a_requeued_job_rejoins_the_study_and_finishes_it(
+    slurm: None, tmp_path: Path, write_sweep: Callable[..., Path]
+) -> None:
+    """``scontrol requeue`` (what preemption with requeue does): Slurm stops the only job
+    with SIGTERM mid-trial and starts it again; the restarted worker runs the queued retry
+    and the rest, and summarises the study."""
+    job_ids, study = _submit(tmp_path, write_sweep, n_trials=3, jobs=1)
+    try:
+        job = _job_training(study, job_ids, tmp_path)
+        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True)
+        _wait_until_ended(study, tmp_path, timeout=600)
+    finally:
+        subprocess.run(["scancel", *job_ids], check=False)
+    failed = _assert_exact(study(), n_trials=3)
+    assert len(failed) == 1
+    workers = {t.user_attrs[WORKER_ATTR] for t in study().trials}
+    assert len(workers) == 2  # the job before its requeue, and after
 
 
 def _logs(folder: Path) -> str:

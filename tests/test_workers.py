@@ -257,6 +257,34 @@ def test_a_killed_writer_leaves_no_journal_lock_behind(tmp_path: Path) -> None:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ...and free the moment it died
 
 
+def test_a_signal_while_waiting_for_the_journal_lock_leaves_it_usable(tmp_path: Path) -> None:
+    """SIGTERM lands while a worker waits for another's journal append (every epoch's report
+    is one): the interrupted wait must not keep the thread lock, or the worker's own clean-up
+    (failing its trial in the journal) waits forever; the supervisor killed such workers."""
+    from tlsweep.sweep._storage import JournalFlock
+
+    journal = tmp_path / "j.journal"
+    lock = JournalFlock(journal)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    with Path(f"{journal}.flock").open("a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)  # another process is appending
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)  # the signal comes during the wait
+            with pytest.raises(KeyboardInterrupt):
+                lock.acquire()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    again = threading.Thread(target=lambda: (lock.acquire(), lock.release()), daemon=True)
+    again.start()
+    again.join(timeout=10)
+    assert not again.is_alive()  # at once: nothing of the interrupted wait is held
+
+
 def test_rdb_storages_beat_and_retry_lost_trials(tmp_path: Path) -> None:
     settings = SweepSettings(heartbeat_interval=7, grace_period=30, max_retry=2)
     storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}", settings)
@@ -463,7 +491,8 @@ def test_sigterm_stops_every_worker_cleanly_and_the_sweep_resumes(
     for trial in training:
         stopped = study.trials[trial.number]
         assert stopped.state == TrialState.FAIL
-        assert stopped.user_attrs[FAIL_REASON_ATTR] == "interrupted (SIGTERM)"
+        reason = stopped.user_attrs[FAIL_REASON_ATTR]
+        assert reason == "interrupted (SIGTERM)", stderr.decode(errors="replace")[-4000:]
         assert client.get_run(stopped.user_attrs[RUN_ID_ATTR]).info.status == "KILLED"
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert sorted(retry_of(t) for t in waiting) == sorted(t.number for t in training)

@@ -142,18 +142,31 @@ class JournalFlock:
         self._thread_lock = threading.Lock()  # one holder per process, too
 
     def acquire(self) -> bool:
+        """Exception-safe: a signal that interrupts the wait for the ``flock`` (another
+        process is appending) must not leave the thread lock held, or this process's own
+        clean-up (failing its trial in the journal) would wait for it forever."""
         self._thread_lock.acquire()
-        handle = self._path.open("a")
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            handle = self._path.open("a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            except BaseException:
+                handle.close()
+                raise
+        except BaseException:
+            self._thread_lock.release()
+            raise
         self._handle = handle
         return True
 
     def release(self) -> None:
         handle, self._handle = self._handle, None
-        if handle is not None:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
-        self._thread_lock.release()
+        try:
+            if handle is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                handle.close()
+        finally:
+            self._thread_lock.release()
 
 
 @contextlib.contextmanager

@@ -67,13 +67,13 @@ def run_workers(
         return Worker(slot, gpu, _spawn(command, env), sharing)
 
     running = {w.process.pid: w for w in (start(i, *slot) for i, slot in enumerate(slots))}
-    try:
-        with tracking.guard_run(session.parent_run_id, end=False):
+    with tracking.guard_run(session.parent_run_id, end=False):  # closes it after the workers
+        try:
             _supervise(session, start, running)
-    except BaseException as exc:  # Ctrl-C, SIGTERM or SIGHUP, here or in a worker; a refusal...
-        interrupts.handled(exc)
-        _stop_all(session, running)
-        raise
+        except BaseException as exc:  # Ctrl-C, SIGTERM or SIGHUP, here or in a worker...
+            interrupts.handled(exc)
+            _stop_all(session, running)  # at once, and before the parent run is written:
+            raise  # the workers' own clean-up writes to the same store
     return finish(session, progress)
 
 
