@@ -29,7 +29,10 @@ from tlsweep.sweep._summary import SweepSummary
 from tlsweep.sweepspec import WORKER_STORAGE_ENV, SweepSpec
 
 INTERRUPTING = {int(signum) for signum in interrupts.SIGNALS}  # exit code - 128 of a worker
-STOP_GRACE = 30.0  # seconds a worker has to close its trial and run once asked to stop
+# Seconds a worker has to close its trial and run once asked to stop: its clean-up makes a
+# few writes to the tracking store, and on MLflow's SQLite store each may wait up to MLflow's
+# busy timeout (20 s) behind another process's write; 30 s cut short some clean exits.
+STOP_GRACE = 60.0
 MAX_BACKOFF = 30.0  # seconds before a dead worker's slot is started again, at most
 
 
