@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -35,16 +36,25 @@ class OutageError(Exception):
         return " ".join(str(self.args[0]).split()) if self.args else ""
 
 
-def full_disk(exc: BaseException) -> OSError | None:
-    """The "no space left" (or quota) error ``exc`` is, or was raised from; else None."""
+def find_cause(
+    exc: BaseException, matches: Callable[[BaseException], bool]
+) -> BaseException | None:
+    """The first of ``exc`` and the exceptions it was raised from (``__cause__``, else
+    ``__context__``) that ``matches``; None if none does."""
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
-        if isinstance(cause, OSError) and cause.errno in NO_SPACE:
+        if matches(cause):
             return cause
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return None
+
+
+def full_disk(exc: BaseException) -> OSError | None:
+    """The "no space left" (or quota) error ``exc`` is, or was raised from; else None."""
+    found = find_cause(exc, lambda e: isinstance(e, OSError) and e.errno in NO_SPACE)
+    return found if isinstance(found, OSError) else None
 
 
 def full_disk_message(exc: OSError) -> str:

@@ -28,7 +28,7 @@ import pandas as pd
 from tlsweep import backend, interrupts
 from tlsweep.config import Config, TrackingConfig, flatten, to_yaml
 from tlsweep.data import ImageData
-from tlsweep.errors import NO_SPACE, UserError
+from tlsweep.errors import NO_SPACE, UserError, find_cause
 from tlsweep.redaction import redact, redact_url
 
 if TYPE_CHECKING:  # keras (and so TensorFlow) loads only when a model is touched
@@ -226,14 +226,7 @@ def is_unreachable(exc: BaseException) -> bool:
         requests.exceptions.Timeout,
         requests.exceptions.RetryError,
     )
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, outage):
-            return True
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return False
+    return find_cause(exc, lambda e: isinstance(e, outage)) is not None
 
 
 def unreachable_message(exc: BaseException) -> str:
