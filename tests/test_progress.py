@@ -69,3 +69,21 @@ def test_quiet_and_verbose_exclude_each_other(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         main(["runs", "-q", "-v"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_mlflow_prints_are_hidden_unless_verbose(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """MLflow prints "Successfully registered model ..." (not logging): kept out by default."""
+    import sys
+
+    from tlsweep import tracking
+
+    monkeypatch.setenv(logs.VERBOSITY_ENV, "0")
+    with tracking._quiet_unless_verbose():
+        print("Successfully registered model 'x'.", file=sys.stderr)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv(logs.VERBOSITY_ENV, "1")
+    with tracking._quiet_unless_verbose():
+        print("Successfully registered model 'x'.", file=sys.stderr)
+    assert "registered" in capsys.readouterr().err

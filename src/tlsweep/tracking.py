@@ -656,7 +656,23 @@ def _model_version_of_run(client: mlflow.MlflowClient, name: str, run_id: str) -
         existing = []
     if existing:
         return str(max(int(v.version) for v in existing))
-    return str(mlflow.register_model(model_uri, name).version)
+    with _quiet_unless_verbose():  # MLflow prints "Successfully registered model ..." itself
+        return str(mlflow.register_model(model_uri, name).version)
+
+
+@contextmanager
+def _quiet_unless_verbose() -> Iterator[None]:
+    """Hide what MLflow prints (not logs) on stderr, except with ``-v``."""
+    import contextlib
+    import io
+
+    from tlsweep.logs import verbosity
+
+    if verbosity() > 0:
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def log_trial_costs(run_id: str, costs: Mapping[str, float]) -> None:
