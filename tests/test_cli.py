@@ -451,3 +451,86 @@ def test_multirun_is_a_tracked_grid_sweep(
     assert sorted(float(r.data.params["head.dropout"]) for r in children) == [0.1, 0.3]
     assert main(argv) == 0  # the same command: the grid is done, nothing runs again
     assert len(store_runs()) == 3
+
+
+# --- sweep --dry-run ------------------------------------------------------------------------
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p.relative_to(folder) for p in folder.rglob("*"))
+
+
+def plan_file(folder: Path, sweep: dict) -> Path:
+    document = {
+        "base": {"data": "digits", "backbone.weights": None},
+        "search_space": {
+            "head.dense_units": "choice(64, 128)",
+            "head.dropout": "interval(0.0, 0.5)",
+            "optimizer.learning_rate": "tag(log, interval(1e-4, 1e-2))",
+            "train.batch_size": "range(16, 49, step=16)",
+        },
+        "enqueue": [{"head.dense_units": 128, "head.dropout": 0.2}, {"train.batch_size": 48}],
+        "sweep": sweep,
+    }
+    path = folder / "sweeps" / "plan.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def test_sweep_dry_run_prints_the_plan_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], store_runs: Callable[..., list]
+) -> None:
+    settings = {"sampler": "random", "n_trials": 6, "storage": "postgresql://u:s3cret@db/optuna"}
+    path = plan_file(tmp_path, settings)
+    before = files_under(tmp_path)
+    assert main(["sweep", str(path), "--dry-run", "train.epochs=3", "sweep.seed=7"]) == 0
+    out, err = capsys.readouterr()
+    lines = [line.strip() for line in out.splitlines()]
+    assert lines[0] == "sweep plan: study plan, nothing run (--dry-run)"
+    expected = [
+        "head.dense_units         choice(64, 128)  (2 values)",
+        "head.dropout             float in [0.0, 0.5]  (continuous)",
+        "optimizer.learning_rate  float in [0.0001, 0.01] log  (continuous)",
+        "train.batch_size         int in [16, 48] step 16  (3 values)",
+        "grid size: infinite (head.dropout, optimizer.learning_rate)",
+        "objective  val_accuracy (maximize)",
+        "sampler    random, seed 7",
+        "pruner     median",
+        "n_trials   6",
+        "storage    postgresql://u:***@db/optuna",
+        f"artifacts  {tmp_path / 'mlruns' / 'optuna-artifacts'}",
+        "enqueued (2):",
+        "1. head.dense_units=128 head.dropout=0.2",
+        "2. train.batch_size=48",
+        "base: data=digits backbone.weights=null train.epochs=3",
+    ]
+    for line in expected:
+        assert line in lines, f"{line!r} not in:\n{out}"
+    assert "s3cret" not in out + err and err == ""
+    assert files_under(tmp_path) == before  # no study, storage file or artifact folder
+    assert store_runs() == []
+
+
+def test_dry_run_gives_the_grid_size_and_the_default_storage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = plan_file(tmp_path, {"n_trials": 6})
+    before = files_under(tmp_path)
+    argv = ["sweep", str(path), "--dry-run", "--workers", "2", "head.dropout=choice(0.2, 0.4)"]
+    assert main([*argv, "optimizer.learning_rate=choice(0.001)"]) == 0
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert "grid size: 12" in lines  # 2 x 2 x 1 x 3
+    journal = tmp_path / "mlruns" / "optuna.journal"  # where several workers' study goes
+    assert f"storage    journal://{journal} (default)" in lines
+    assert files_under(tmp_path) == before
+
+
+def test_dry_run_of_a_bad_sweep_is_one_line(tmp_path: Path) -> None:
+    path = plan_file(tmp_path, {"n_trials": 6})
+    done = tlsweep("sweep", str(path), "--dry-run", "head.dense_units=choice(16, 32)")
+    assert done.returncode == 2
+    assert_one_error_line(
+        done.stderr, "enqueue entry 1: head.dense_units=128 is not allowed", "choice(16, 32)"
+    )
+    assert done.stdout == ""

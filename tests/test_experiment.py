@@ -87,7 +87,10 @@ def test_head_only_run_of_a_target_backbone_materializes(tmp_path: Path) -> None
     assert client.get_run(run_id).data.params[TRAIN_PATH_PARAM] == "cached_features"
     assert tracking.MODEL_URI_TAG not in client.get_run(run_id).data.tags
     uri = materialize_model(run_id)  # the backbone rebuilt from the callable and the seed
-    assert uri == f"runs:/{run_id}/model"
+    run = client.get_run(run_id)
+    (model,) = client.search_logged_models([run.info.experiment_id])  # a logged model now
+    assert model.source_run_id == run_id
+    assert uri == f"models:/{model.model_id}" == run.data.tags[tracking.MODEL_URI_TAG]
     images = np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     expected = result.model.predict(images, verbose=0)
     got = np.asarray(mlflow.pyfunc.load_model(uri).predict(images))

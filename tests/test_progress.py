@@ -77,13 +77,13 @@ def test_mlflow_prints_are_hidden_unless_verbose(
     """MLflow prints "Successfully registered model ..." (not logging): kept out by default."""
     import sys
 
-    from tlsweep import tracking
+    from tlsweep.tracking._models import _quiet_unless_verbose
 
     monkeypatch.setenv(logs.VERBOSITY_ENV, "0")
-    with tracking._quiet_unless_verbose():
+    with _quiet_unless_verbose():
         print("Successfully registered model 'x'.", file=sys.stderr)
     assert capsys.readouterr().err == ""
     monkeypatch.setenv(logs.VERBOSITY_ENV, "1")
-    with tracking._quiet_unless_verbose():
+    with _quiet_unless_verbose():
         print("Successfully registered model 'x'.", file=sys.stderr)
     assert "registered" in capsys.readouterr().err

@@ -18,10 +18,10 @@ from optuna.trial import TrialState
 
 from tlsweep.cli import main
 from tlsweep.errors import UserError
-from tlsweep.sweep import FAIL_REASON_ATTR, RUN_ID_ATTR, open_storage, status_line
+from tlsweep.sweep import FAIL_REASON_ATTR, RUN_ID_ATTR, open_storage
 from tlsweep.sweep._common import N_TRIALS_ATTR, SUMMARIZED_ATTR, WORKER_ATTR
 from tlsweep.sweep._slurm import launcher_settings
-from tlsweep.sweep._status import ended
+from tlsweep.sweep._status import ended, status_line
 
 TLSWEEP = [sys.executable, "-m", "tlsweep.cli"]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

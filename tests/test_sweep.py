@@ -24,14 +24,13 @@ from tlsweep.sweep import (
     _objective,
     _run,
     _samplers,
-    make_pruner,
-    make_sampler,
     open_storage,
-    open_study,
     run_sweep,
-    suggest,
 )
 from tlsweep.sweep._objective import EpochReporter
+from tlsweep.sweep._samplers import make_pruner, make_sampler, suggest
+from tlsweep.sweep._storage import open_study, storage_url
+from tlsweep.sweep._summary import pareto_ranks
 from tlsweep.sweepspec import Dimension, SweepSettings, load_sweep, parse_dimension, with_settings
 
 # --- the epoch reporter --------------------------------------------------------------------------
@@ -286,12 +285,12 @@ def test_trials_share_the_preloaded_data_unless_they_search_it(
 
 
 def test_default_storage_is_mlruns_optuna_db(tmp_path: Path) -> None:
-    assert sweep.storage_url(SweepSettings()) == f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+    assert storage_url(SweepSettings()) == f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
 
 
 def test_direction_mismatch_is_refused(tiny_spec, store_runs) -> None:
     spec = tiny_spec()
-    storage = open_storage(sweep.storage_url(spec.settings))
+    storage = open_storage(storage_url(spec.settings))
     study = open_study(spec, storage)
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
     other = with_settings(spec, direction="minimize")
@@ -308,7 +307,7 @@ def test_direction_mismatch_is_refused(tiny_spec, store_runs) -> None:
 
 def test_load_study_lists_known_names(tiny_spec) -> None:
     spec = tiny_spec()
-    open_study(spec, open_storage(sweep.storage_url(spec.settings)))
+    open_study(spec, open_storage(storage_url(spec.settings)))
     with pytest.raises(UserError) as exc:
         sweep.load_study("nope", spec.settings.storage)
     assert "known: tiny" in str(exc.value)
@@ -708,7 +707,7 @@ def test_each_session_builds_one_sampler_seeded_by_its_number(
     tiny_spec, stand_in, monkeypatch: pytest.MonkeyPatch, sampler: str, seeds: list[int]
 ) -> None:
     built: list[int | None] = []
-    real = {"random": optuna.samplers.RandomSampler, "grid": _samplers._ResumableGridSampler}
+    real = {"random": optuna.samplers.RandomSampler, "grid": _samplers.ResumableGridSampler}
 
     class Recording(real[sampler]):  # type: ignore[misc,valid-type]
         def __init__(self, *args, seed=None) -> None:
@@ -718,7 +717,7 @@ def test_each_session_builds_one_sampler_seeded_by_its_number(
     if sampler == "random":
         monkeypatch.setattr(optuna.samplers, "RandomSampler", Recording)
     else:
-        monkeypatch.setattr(_samplers, "_ResumableGridSampler", Recording)
+        monkeypatch.setattr(_samplers, "ResumableGridSampler", Recording)
     space = {"head.dropout": "choice(0.0, 0.1, 0.2, 0.3)"}
     for n_trials in (1, 2, 3):  # three sessions: a sweep resumed twice
         run_sweep(tiny_spec(settings={"sampler": sampler, "n_trials": n_trials}, space=space))
@@ -728,8 +727,8 @@ def test_each_session_builds_one_sampler_seeded_by_its_number(
 
 def test_pareto_ranks() -> None:
     points = [(1.0, 5.0), (2.0, 2.0), (5.0, 1.0), (3.0, 3.0), (2.0, 2.0), (6.0, 6.0), (4.0, 4.0)]
-    assert sweep.pareto_ranks(points) == [1, 1, 1, 2, 1, 4, 3]
-    assert sweep.pareto_ranks([]) == []
+    assert pareto_ranks(points) == [1, 1, 1, 2, 1, 4, 3]
+    assert pareto_ranks([]) == []
 
 
 class MultiStandIn(StandInObjective):
@@ -802,7 +801,7 @@ def test_a_multi_objective_sweep_summarises_its_front(
 
 def test_a_multi_objective_study_keeps_its_objectives(tiny_spec) -> None:
     spec = tiny_spec(settings=MULTI, space=MULTI_SPACE)
-    storage = open_storage(sweep.storage_url(spec.settings))
+    storage = open_storage(storage_url(spec.settings))
     study = open_study(spec, storage)
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     other = with_settings(spec, objectives={"val_accuracy": "maximize", "latency_ms": "minimize"})
@@ -987,3 +986,44 @@ def test_the_parent_shows_the_front_and_runs_lists_every_objective(
     header = pareto_swept.runs_output.splitlines()[0].split()
     assert {"pareto_rank", "val_accuracy", "latency_ms"} <= set(header)
     assert len(pareto_swept.runs_output.strip().splitlines()) == 1 + 4
+
+
+# --- enqueued configurations and the artifact folder ---------------------------------------------
+
+
+def test_enqueued_configurations_run_first_and_are_queued_once(tiny_spec, stand_in) -> None:
+    """The sweep file's known configurations are the first trials; opening the study again
+    (a resumed sweep, another worker) queues none of them twice."""
+    from dataclasses import replace
+
+    known = ({"head.dropout": 0.3}, {"head.dropout": 0.2})
+
+    def spec(n_trials: int):
+        settings = {"sampler": "random", "n_trials": n_trials}
+        space = {"head.dropout": "choice(0.0, 0.1, 0.2, 0.3)"}
+        return replace(tiny_spec(settings=settings, space=space), enqueue=known)
+
+    first = _run.open_session(spec(2), trains=False)
+    _run.open_session(spec(2), trains=False)  # a second process opening the study
+    waiting = first.study.get_trials(states=(TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"] for t in waiting] == list(known)
+
+    run_sweep(spec(2))
+    assert stand_in.calls == list(known)
+    run_sweep(spec(3))  # resumed: one sampled trial more, the known ones not queued again
+    study = sweep.load_study("tiny", spec(3).settings.storage)
+    assert [t.params["head.dropout"] for t in study.trials][:2] == [0.3, 0.2]
+    assert len(study.trials) == 3 == len(stand_in.calls)
+    assert not study.get_trials(states=(TrialState.WAITING,))
+
+
+def test_the_study_records_its_artifact_folder(tiny_spec, tmp_path: Path) -> None:
+    """Beside the study's file unless ``sweep.artifacts`` says otherwise; `tlsweep dashboard`
+    reads it from the study."""
+    session = _run.open_session(tiny_spec(), trains=False)
+    folder = tmp_path / "spec" / "optuna-artifacts"  # beside spec/optuna.db
+    assert session.study.user_attrs["tlsweep_artifacts"] == str(folder) and folder.is_dir()
+    assert session.artifacts is not None and session.artifacts.path == folder
+    chosen = tmp_path / "shared" / "artifacts"
+    session = _run.open_session(tiny_spec(f"sweep.artifacts={chosen}"), trains=False)
+    assert session.study.user_attrs["tlsweep_artifacts"] == str(chosen) and chosen.is_dir()

@@ -12,7 +12,11 @@ from tlsweep.errors import UserError
 from tlsweep.sweepspec import (
     Dimension,
     SweepSettings,
+    artifacts_dir,
     available_sweeps,
+    describe_dimension,
+    dimension_size,
+    grid_size,
     load_sweep,
     parse_dimension,
     sweeps_dir,
@@ -522,3 +526,190 @@ def test_objectives_on_the_command_line_replace_the_files_metric_and_pruner() ->
             "quickstart",
             ["sweep.objectives=[val_accuracy, params]", "sweep.pruner=median"],
         )
+
+
+# --- enqueued configurations -------------------------------------------------------------------
+
+ENQUEUE_SPACE = {
+    "head.dense_units": "choice(64, 128, 256)",
+    "head.dropout": "interval(0.0, 0.5)",
+    "train.batch_size": "range(16, 65, step=16)",
+    "train.epochs": "int(interval(1, 5))",
+    "optimizer": "choice(adam, sgd)",
+}
+
+
+@pytest.fixture
+def enqueue_file(tmp_path: Path):
+    """A sweep file with ``ENQUEUE_SPACE`` and the given ``enqueue`` section."""
+
+    def make(entries: object, settings: dict | None = None) -> Path:
+        document = {
+            "base": {"data": "digits", "backbone.weights": None},
+            "search_space": ENQUEUE_SPACE,
+            "enqueue": entries,
+            "sweep": dict(settings or {}),
+        }
+        return sweep_file(tmp_path, document, "enqueuing")
+
+    return make
+
+
+def test_enqueued_configurations_keep_their_order_and_get_their_dimensions_types(
+    enqueue_file,
+) -> None:
+    path = enqueue_file(
+        [
+            {"head.dense_units": 256, "head.dropout": 0, "train.batch_size": 32},
+            {"optimizer": "sgd", "train.epochs": 3.0, "head.dropout": 0.25},
+        ]
+    )
+    first, second = load_sweep(str(path)).enqueue
+    assert first == {"head.dense_units": 256, "head.dropout": 0.0, "train.batch_size": 32}
+    assert isinstance(first["head.dropout"], float)  # 0 in a float interval is 0.0
+    assert second == {"optimizer": "sgd", "train.epochs": 3, "head.dropout": 0.25}
+    assert isinstance(second["train.epochs"], int)
+
+
+def test_no_enqueue_section_enqueues_nothing(spec_file) -> None:
+    assert load_sweep(str(spec_file())).enqueue == ()
+
+
+def test_a_key_fixed_on_the_command_line_leaves_the_enqueued_entries(enqueue_file) -> None:
+    """``KEY=VALUE`` fixes KEY for every trial: that value wins over an enqueued one, and an
+    entry left with nothing to set is dropped."""
+    path = enqueue_file([{"head.dropout": 0.2, "head.dense_units": 64}, {"head.dropout": 0.4}])
+    spec = load_sweep(str(path), ["head.dropout=0.1"])
+    assert spec.enqueue == ({"head.dense_units": 64},)
+    assert "head.dropout=0.1" in spec.base
+
+
+@pytest.mark.parametrize(
+    ("entries", "settings", "fragments"),
+    [
+        (
+            [{"head.units": 64}],
+            {},
+            ["enqueue entry 1", "head.units is not a search-space dimension", "head.dense_units"],
+        ),
+        (
+            [{"head.dropout": 0.1}, {"head.dropout": 0.7}],
+            {},
+            ["enqueue entry 2", "head.dropout=0.7", "float in [0.0, 0.5]"],
+        ),
+        (
+            [{"head.dense_units": 100}],
+            {},
+            ["head.dense_units=100", "choice(64, 128, 256)"],
+        ),
+        ([{"head.dense_units": "64"}], {}, ["head.dense_units='64'", "choice(64, 128, 256)"]),
+        ([{"train.batch_size": 40}], {}, ["train.batch_size=40", "int in [16, 64] step 16"]),
+        ([{"train.epochs": 2.5}], {}, ["train.epochs=2.5", "int in [1, 5]"]),
+        ([{"train.epochs": True}], {}, ["train.epochs=true", "int in [1, 5]"]),
+        ([{"optimizer": "adagrad"}], {}, ["optimizer=adagrad", "choice(adam, sgd)"]),
+        ([{"head.dropout": "high"}], {}, ["head.dropout=high", "float in [0.0, 0.5]"]),
+        (
+            [{"head.dropout": 0.1}, {"head.dropout": 0.2}],
+            {"n_trials": 1},
+            ["sweep.n_trials=1 is fewer than the 2 enqueued"],
+        ),
+    ],
+    ids=[
+        "unknown-key",
+        "out-of-range",
+        "not-a-choice",
+        "string-for-number",
+        "off-step",
+        "fraction-for-int",
+        "bool-for-int",
+        "unknown-group-choice",
+        "text-for-float",
+        "more-than-n_trials",
+    ],
+)
+def test_bad_enqueued_configurations_are_one_line_errors(
+    enqueue_file, entries: list, settings: dict, fragments: list[str]
+) -> None:
+    with pytest.raises(UserError) as exc:
+        load_sweep(str(enqueue_file(entries, settings)))
+    assert_one_line(exc, *fragments)
+
+
+@pytest.mark.parametrize(
+    ("section", "fragment"),
+    [
+        ({"head.dropout": 0.1}, "section enqueue is a dict"),
+        ("head.dropout=0.1", "section enqueue is a string"),
+        ([{"head.dropout": 0.1}, "head.dropout=0.2"], "section enqueue is a list of other things"),
+    ],
+    ids=["mapping", "string", "list-of-strings"],
+)
+def test_an_enqueue_section_that_is_not_a_list_of_mappings_is_refused(
+    enqueue_file, section: object, fragment: str
+) -> None:
+    path = enqueue_file(section)
+    with pytest.raises(UserError) as exc:
+        load_sweep(str(path))
+    assert_one_line(exc, str(path), fragment, "list of configurations")
+
+
+def test_a_grid_sweep_enqueues_whole_configurations(tmp_path: Path) -> None:
+    whole = {
+        "head.dense_units": 128,
+        "head.dropout": 0.0,
+        "train.batch_size": 16,
+        "train.epochs": 1,
+        "optimizer": "adam",
+    }
+    space = {**ENQUEUE_SPACE, "head.dropout": "choice(0.0, 0.5)", "train.epochs": "range(1, 3)"}
+    document = {"search_space": space, "enqueue": [whole], "sweep": {"sampler": "grid"}}
+    assert load_sweep(str(sweep_file(tmp_path, document, "grid_enqueue"))).enqueue == (whole,)
+    document["enqueue"] = [whole, {"head.dropout": 0.5, "optimizer": "sgd"}]
+    with pytest.raises(UserError) as exc:  # the grid sampler cannot fill in the rest
+        load_sweep(str(sweep_file(tmp_path, document, "grid_partial")))
+    assert_one_line(
+        exc,
+        "enqueue entry 2",
+        "sweep.sampler=grid",
+        "every dimension",
+        "missing: head.dense_units, train.batch_size, train.epochs",
+    )
+
+
+def test_the_shipped_backbones_sweep_enqueues_known_configurations() -> None:
+    spec = load_sweep("backbones")
+    assert len(spec.enqueue) >= 1
+    assert spec.enqueue[0]["backbone"] == "resnet50"
+
+
+# --- describing a sweep (tlsweep sweep --dry-run) ---------------------------------------------
+
+
+def test_dimensions_are_described_with_their_sizes(enqueue_file) -> None:
+    spec = load_sweep(str(enqueue_file([])))
+    described = {d.key: (describe_dimension(d), dimension_size(d)) for d in spec.space}
+    assert described == {
+        "head.dense_units": ("choice(64, 128, 256)", 3),
+        "head.dropout": ("float in [0.0, 0.5]", None),
+        "train.batch_size": ("int in [16, 64] step 16", 4),
+        "train.epochs": ("int in [1, 5]", 5),
+        "optimizer": ("choice(adam, sgd)", 2),
+    }
+    assert grid_size(spec.space) is None  # head.dropout is continuous
+    finite = [d for d in spec.space if d.key != "head.dropout"]
+    assert grid_size(finite) == 3 * 4 * 5 * 2
+    log = parse_dimension("optimizer.learning_rate", "tag(log, interval(1e-4, 1e-2))")
+    assert describe_dimension(log) == "float in [0.0001, 0.01] log"
+    assert dimension_size(parse_dimension("x", "range(0.0, 1.0, step=0.25)")) == 4
+
+
+def test_artifacts_live_beside_the_storage_file_unless_set(tmp_path: Path) -> None:
+    settings = SweepSettings()
+    journal = f"journal://{tmp_path / 'studies' / 'optuna.journal'}"
+    assert artifacts_dir(settings, journal) == tmp_path / "studies" / "optuna-artifacts"
+    sqlite = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert artifacts_dir(settings, sqlite) == tmp_path / "optuna-artifacts"
+    server = "postgresql://user:pw@db/optuna"
+    assert artifacts_dir(settings, server) == Path("mlruns").resolve() / "optuna-artifacts"
+    chosen = SweepSettings(artifacts=str(tmp_path / "shared"))
+    assert artifacts_dir(chosen, server) == tmp_path / "shared"

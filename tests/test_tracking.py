@@ -7,6 +7,8 @@ MlflowClient bound to that store.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -19,12 +21,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModel, LoggedModelStatus
 from omegaconf import OmegaConf
 
 from tlsweep import backend, experiment, tracking
 from tlsweep.config import Config, TrackingConfig, flatten, to_config
 from tlsweep.data import load_data
 from tlsweep.experiment import RunResult
+from tlsweep.tracking import _store, _system
 
 pytestmark = pytest.mark.backend  # runs on every Keras backend in CI
 
@@ -195,7 +199,7 @@ def test_artifacts(tracked: Tracked) -> None:
         "evaluation/val_confusion_matrix.csv",
     ):
         assert path in found, path
-    assert any(p.startswith("model/") for p in found)
+    assert not any(p.startswith("model/") for p in found)  # the logged model's, not the run's
 
 
 def test_config_artifact_rebuilds_the_config(tracked: Tracked, tmp_path: Path) -> None:
@@ -233,17 +237,196 @@ def test_confusion_matrix_and_report_artifacts(tracked: Tracked, tmp_path: Path)
         assert set(names) <= set(json.loads(path.read_text()))
 
 
+def test_system_metrics_are_logged(tracked: Tracked) -> None:
+    """MLflow's monitor sampled the machine while the run trained: CPU and memory always."""
+    metrics = tracked.client.get_run(tracked.run_id).data.metrics
+    system = {k: v for k, v in metrics.items() if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        system
+    )
+    assert 0.0 <= system["system/cpu_utilization_percentage"] <= 100.0
+    assert system["system/system_memory_usage_megabytes"] > 0
+    history = tracked.client.get_metric_history(tracked.run_id, "system/cpu_utilization_percentage")
+    assert sorted(m.step for m in history) == list(range(len(history)))  # one step per sample
+
+
+def _logged_model(tracked: Tracked) -> LoggedModel:
+    experiment = tracked.client.get_run(tracked.run_id).info.experiment_id
+    models = tracked.client.search_logged_models([experiment])
+    assert len(models) == 1
+    return models[0]
+
+
+def test_the_model_is_a_logged_model_of_the_run(tracked: Tracked) -> None:
+    """The experiment's Models tab: the model, READY, from this run, with its params and
+    final metrics; the run points at it (output and tag)."""
+    model = _logged_model(tracked)
+    run = tracked.client.get_run(tracked.run_id)
+    assert (model.name, model.status, model.source_run_id) == (
+        "model",
+        LoggedModelStatus.READY,
+        tracked.run_id,
+    )
+    assert model.model_type == tracking.MODEL_TYPE
+    assert tracked.client.get_logged_model(model.model_id).model_id == model.model_id
+    assert run.data.tags[tracking.MODEL_URI_TAG] == f"models:/{model.model_id}"
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+    assert model.params["head.dense_units"] == "16"
+    assert model.params["data.fingerprint"] == run.data.params["data.fingerprint"]
+    linked = {m.key: m.value for m in model.metrics}
+    for key in ("test_accuracy", "test_loss", "best_val_accuracy", "best_epoch"):
+        assert linked[key] == pytest.approx(run.data.metrics[key]), key
+    assert not [k for k in linked if k.startswith("system/") or k in EPOCH_METRICS]
+    splits = {i.tags[0].value: i.dataset.digest for i in run.inputs.dataset_inputs}
+    on = {m.key: (m.dataset_name, m.dataset_digest) for m in model.metrics}
+    assert on["test_accuracy"] == ("digits", splits["test"])  # measured on the test split
+    assert on["best_val_accuracy"] == ("digits", splits["val"])
+    assert len(tracked.client.get_metric_history(tracked.run_id, "test_accuracy")) == 1
+    with _tracking_uri(tracked.uri):
+        files = {f.path for f in mlflow.artifacts.list_artifacts(f"models:/{model.model_id}")}
+    assert {"MLmodel", "requirements.txt"} <= files
+
+
 @pytest.mark.filterwarnings("ignore:The structure of `inputs`:UserWarning")
 def test_logged_model_predicts_probabilities(tracked: Tracked) -> None:
     images = np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)).astype("float32")
+    uri = tracked.client.get_run(tracked.run_id).data.tags[tracking.MODEL_URI_TAG]
     with _tracking_uri(tracked.uri):
-        model = mlflow.pyfunc.load_model(f"runs:/{tracked.run_id}/model")
+        model = mlflow.pyfunc.load_model(uri)
+        by_run = mlflow.pyfunc.load_model(f"runs:/{tracked.run_id}/model")  # MLflow finds it
+    assert model.metadata.metadata["class_names"] == [str(i) for i in range(10)]
     probabilities = np.asarray(model.predict(images))
     assert probabilities.shape == (5, 10)
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert (probabilities >= 0).all()
     direct = np.asarray(tracked.result.train_result.model.predict(images, verbose=0))
     np.testing.assert_allclose(probabilities, direct, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(by_run.predict(images)), direct, rtol=1e-5, atol=1e-6)
+
+
+# --- system metrics: MLflow's monitor around a block ----------------------------------------
+
+MONITOR_THREADS = ("SystemMetricsMonitor", "tlsweep-system-metrics")
+CPU = "system/cpu_utilization_percentage"
+
+
+def _monitor_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name in MONITOR_THREADS and t.is_alive()]
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _samples(run_id: str) -> int:
+    return len(MlflowClient().get_metric_history(run_id, CPU))
+
+
+@pytest.fixture
+def fast_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's own setting, which the monitor follows: a sample every 0.1 s."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+
+
+def _new_run() -> str:
+    return MlflowClient().create_run(tracking.experiment_id("monitored")).info.run_id
+
+
+@pytest.mark.usefixtures("fast_sampling")
+def test_the_monitor_logs_while_the_block_runs_and_stops_with_it() -> None:
+    run_id = _new_run()
+    with tracking.monitor_system(run_id):
+        _wait_until(lambda: _samples(run_id) >= 2)  # written while the run goes on
+    assert not _monitor_threads()
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    assert {CPU, "system/system_memory_usage_megabytes"} <= set(metrics)
+    steps = [m.step for m in MlflowClient().get_metric_history(run_id, CPU)]
+    assert sorted(steps) == list(range(len(steps)))
+
+
+@pytest.mark.usefixtures("fast_sampling")
+def test_a_switched_off_monitor_logs_nothing() -> None:
+    run_id = _new_run()
+    with tracking.monitor_system(run_id, enabled=False):
+        assert not _monitor_threads()
+    assert not [k for k in MlflowClient().get_run(run_id).data.metrics if k.startswith("system/")]
+
+
+@pytest.mark.usefixtures("fast_sampling")
+@pytest.mark.parametrize("exception", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_the_monitor_stops_when_the_block_raises(exception: BaseException) -> None:
+    run_id = _new_run()
+    with pytest.raises(type(exception)) as raised, tracking.monitor_system(run_id):
+        _wait_until(lambda: _samples(run_id) >= 1)
+        raise exception
+    assert raised.value is exception  # not replaced by anything from the monitor
+    assert not _monitor_threads()
+
+
+def _outage(*args: object, **kwargs: object) -> None:
+    import requests
+
+    error = mlflow.exceptions.MlflowException("API request to http://x failed")
+    error.__cause__ = requests.exceptions.ConnectionError("refused")
+    raise error
+
+
+@pytest.mark.usefixtures("fast_sampling")
+def test_a_tracking_outage_costs_the_metrics_not_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    run_id = _new_run()
+    monitor_client = "mlflow.tracking.client.MlflowClient"
+    with tracking.monitor_system(run_id):
+        _wait_until(lambda: _samples(run_id) >= 1)
+        monkeypatch.setattr(f"{monitor_client}.get_run", _outage)
+        monkeypatch.setattr(f"{monitor_client}.log_batch", _outage)
+        _wait_until(lambda: not [t for t in _monitor_threads() if t.name == MONITOR_THREADS[0]])
+    assert not _monitor_threads()
+
+
+@pytest.mark.usefixtures("fast_sampling")
+def test_a_store_that_hangs_does_not_hold_the_run_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The monitor's last write waits on a store that does not answer: the block ends after
+    ``SYSTEM_STOP_S`` all the same, and the write finishes in the background."""
+    run_id = _new_run()
+    released = threading.Event()
+    write = MlflowClient.log_batch
+
+    def hanging(self: MlflowClient, *args: object, **kwargs: object) -> None:
+        released.wait(60)
+        write(self, *args, **kwargs)
+
+    monkeypatch.setattr(_system, "SYSTEM_STOP_S", 0.5)
+    with tracking.monitor_system(run_id):
+        _wait_until(lambda: _samples(run_id) >= 1)
+        monkeypatch.setattr(MlflowClient, "log_batch", hanging)
+        started = time.monotonic()
+    assert time.monotonic() - started < 10
+    assert _monitor_threads()  # still writing
+    released.set()
+    for thread in _monitor_threads():
+        thread.join(60)
+    assert not _monitor_threads()
+
+
+def test_the_config_switch_turns_the_monitor_off(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tracking.system_metrics=false``: nothing samples while the run trains (the tracked run
+    above shows the default)."""
+    seen: list[list[str]] = []
+
+    def training(*args: object, **kwargs: object) -> None:
+        seen.append([t.name for t in _monitor_threads()])
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(experiment, "train", training)
+    cfg = make_config("tracking.system_metrics=false", "data.train_limit=60")
+    with pytest.raises(RuntimeError, match="stop here"):
+        experiment.run(cfg)
+    assert seen == [[]]
 
 
 # --- runs that do not finish ---------------------------------------------------------------
@@ -336,7 +519,7 @@ def test_a_run_is_left_for_reconciliation_when_the_server_is_gone(
     def unreachable(*args: object, **kwargs: object) -> None:
         raise outage
 
-    monkeypatch.setattr(tracking, "record_failure", unreachable)
+    monkeypatch.setattr(_store, "record_failure", unreachable)  # where guard_run finds it
     failed = pytest.raises(RuntimeError, match="the trial failed")  # not the failed recording
     with failed, tracking.guard_run(run_id):
         raise RuntimeError("the trial failed")

@@ -3,8 +3,10 @@ headless Chromium (Debian's /usr/bin/chromium, driven by Playwright for Python; 
 downloaded).
 
 Checks that the sweep's experiment lists the parent run with its trials nested under it (hidden
-until the parent is expanded, then indented below it), and that a trial's confusion matrix is
-served as a PNG and rendered in the artifact view.
+until the parent is expanded, then indented below it), that a trial's confusion matrix is
+served as a PNG and rendered in the artifact view, that the runs table's Datasets column and
+filter show the splits each trial logged, that a trial's page charts its system metrics, and
+that the experiment's Models tab lists the logged model with its params and metrics.
 
 Screenshots are kept in ``tests/artifacts/ui/`` (``$TLSWEEP_TEST_ARTIFACTS/ui`` if set; the
 folder ignores itself for git) and their paths are printed. Without Chromium the test is
@@ -45,6 +47,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CONFUSION_PNG = "evaluation/test_confusion_matrix.png"
 STUDY = "uitiny"
 SLOW = 180_000  # ms: the React app on a busy 2-core machine takes its time
+CPU = "system/cpu_utilization_percentage"
+ML = "workflowType=machine_learning"  # the UI's "Model training" view (Runs, Models tabs)
 
 
 def artifacts_dir() -> Path:
@@ -75,6 +79,11 @@ class Store:
     experiment_id: str
     parent_run_id: str
     child_run_ids: list[str]
+    uri: str
+
+    @property
+    def client(self) -> mlflow.MlflowClient:
+        return mlflow.MlflowClient(tracking_uri=self.uri)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +110,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, write_sweep, playwright_api)
     )
     ids = [r.info.run_id for r in sorted(children, key=lambda r: r.info.run_name)]
     assert len(ids) == 2
-    return Store(folder, experiment, summary.parent_run_id, ids)
+    return Store(folder, experiment, summary.parent_run_id, ids, uri)
 
 
 def free_port() -> int:
@@ -177,6 +186,9 @@ def browser_page(ui: str, playwright_api, tmp_path_factory: pytest.TempPathFacto
             viewport={"width": 1600, "height": 1000},
         )
         context.set_default_timeout(SLOW)
+        from playwright.sync_api import expect
+
+        expect.set_options(timeout=SLOW)
         try:
             yield context.new_page()
         finally:
@@ -252,3 +264,84 @@ def test_trial_confusion_matrix_is_served_and_rendered(ui: str, store: Store, br
     assert direct.body().startswith(PNG_MAGIC)
     assert direct.body() == png
     screenshot(page, "trial_confusion_matrix.png")
+
+
+def test_system_metrics_are_charted_on_a_trial_page(ui: str, store: Store, browser_page) -> None:
+    from playwright.sync_api import expect
+
+    page = browser_page
+    child = store.child_run_ids[0]
+    samples = store.client.get_metric_history(child, CPU)
+    assert samples  # MLflow's monitor sampled the trial
+    page.goto(f"{ui}/#/experiments/{store.experiment_id}/runs/{child}/system-metrics?{ML}")
+    card = page.get_by_test_id("experiment-view-compare-runs-card").filter(
+        has=page.locator(f'h4[title="{CPU}"]')
+    )
+    card.get_by_text(f"trial-0 ({CPU})").wait_for()  # the chart's legend: this run's series
+    points = card.locator(".scatterlayer .trace .points path.point")
+    expect(points).to_have_count(len(samples))  # one plotted point per logged sample
+    screenshot(page, "trial_system_metrics.png")
+
+
+def test_models_tab_lists_the_logged_model(ui: str, store: Store, browser_page) -> None:
+    from playwright.sync_api import expect
+
+    page = browser_page
+    models = store.client.search_logged_models([store.experiment_id])
+    assert len(models) == 1  # the champion's: trials kept their heads only
+    model = models[0]
+    source = store.client.get_run(model.source_run_id).info.run_name
+    page.goto(f"{ui}/#/experiments/{store.experiment_id}/models?{ML}")
+    row = page.locator(f'.ag-pinned-left-cols-container [role="row"][row-id="{model.model_id}"]')
+    row.wait_for()
+    link = row.get_by_role("link", name=model.name, exact=True)
+    expect(link).to_have_attribute(
+        "href", f"#/experiments/{store.experiment_id}/models/{model.model_id}"
+    )
+    expect(row.locator('[col-id="status"]')).to_have_text("Ready")
+    center = page.locator(f'.ag-center-cols-container [role="row"][row-id="{model.model_id}"]')
+    expect(center.locator('[col-id="source_run_id"]')).to_have_text(source)
+    screenshot(page, "experiment_models.png")
+
+    link.click()
+    page.wait_for_url(f"**/models/{model.model_id}**")
+    metrics = {m.key: m.value for m in model.metrics}
+    expect(page.get_by_text(f"Metrics ({len(metrics)})")).to_be_visible()
+    expect(page.get_by_text(f"Parameters ({len(model.params)})")).to_be_visible()
+    for name in ("test_accuracy", "best_val_accuracy", "head.dropout"):
+        expect(page.get_by_text(name, exact=True).first).to_be_visible()
+    screenshot(page, "logged_model.png")
+
+
+def test_runs_table_shows_and_filters_the_datasets(ui: str, store: Store, browser_page) -> None:
+    """Each trial logged its splits (train, val, test) as dataset inputs: the Datasets filter
+    offers them, and filtering by one leaves the trials (the parent logged none)."""
+    from playwright.sync_api import expect
+
+    page = browser_page
+    logged = {
+        f"{i.dataset.name} ({i.dataset.digest})": i.tags[0].value
+        for child in store.child_run_ids
+        for i in store.client.get_run(child).inputs.dataset_inputs
+    }
+    assert sorted(logged.values()) == ["test", "train", "val"]  # the same splits in both trials
+    page.goto(f"{ui}/#/experiments/{store.experiment_id}/runs?{ML}")
+    page.get_by_text(f"{1 + len(store.child_run_ids)} matching runs").wait_for()
+    page.get_by_test_id("datasets-select-dropdown").click()
+    options = page.get_by_role("option")
+    expect(options).to_have_count(len(logged))
+    for label, context in logged.items():
+        option = options.filter(has_text=label)
+        expect(option).to_contain_text(context, ignore_case=True)
+
+    test_label = next(label for label, context in logged.items() if context == "test")
+    options.filter(has_text=test_label).click()
+    page.keyboard.press("Escape")
+    page.get_by_text(f"{len(store.child_run_ids)} matching runs").wait_for()
+    for child in store.child_run_ids:
+        cell = page.locator(
+            f'.ag-center-cols-container [row-id="{child}"] [col-id="attributes.`Dataset`"]'
+        )
+        for label in logged:  # the cell shows the first and counts the others: all are there
+            expect(cell).to_contain_text(label)
+    screenshot(page, "experiment_datasets.png")

@@ -325,7 +325,21 @@ def test_the_study_lock_excludes_other_holders(tmp_path: Path) -> None:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1", **extra)
+    # PYTHONFAULTHANDLER: SIGABRT makes a hung process print every thread's stack (`_stacks`)
+    return dict(
+        os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", **extra
+    )
+
+
+def _communicate_or_show_stacks(process: subprocess.Popen[bytes], timeout: float) -> bytes:
+    """``process``'s stderr once it exits; if it is still running after ``timeout`` seconds,
+    fail with the Python stacks of every process in its group (where each one hangs)."""
+    try:
+        return process.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGABRT)  # faulthandler prints the stacks, then dies
+        _, stderr = process.communicate(timeout=60)
+        pytest.fail(f"still running after {timeout} s:\n{stderr.decode(errors='replace')[-20000:]}")
 
 
 def _client() -> mlflow.MlflowClient:
@@ -480,7 +494,7 @@ def test_sigterm_stops_every_worker_cleanly_and_the_sweep_resumes(
         os.killpg(supervisor.pid, signal.SIGTERM)
     else:
         supervisor.send_signal(signal.SIGTERM)
-    _, stderr = supervisor.communicate(timeout=120)
+    stderr = _communicate_or_show_stacks(supervisor, timeout=120)
     assert supervisor.returncode == 143, stderr.decode()[-2000:]
     assert stderr.decode().rstrip().splitlines()[-1] == "tlsweep: interrupted (SIGTERM)"
     assert _worker_processes(path) == []  # no orphan

@@ -199,7 +199,11 @@ def load_keras_model(path: str) -> keras.Model:
 
 
 def resolve_target(target: str) -> Callable[..., object]:
-    """The callable named ``package.module:function`` (or ``package.module.function``)."""
+    """The callable named ``package.module:function`` (or ``package.module.function``).
+
+    Not Hydra's ``get_method``: that takes dotted paths only and fails with a multi-line
+    ImportError; this one also takes the ``module:function`` form entry points use, and each
+    failure is one line naming what is missing and what the module has."""
     module_name, sep, attribute = target.partition(":")
     if not sep:
         module_name, _, attribute = target.rpartition(".")

@@ -13,7 +13,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -25,6 +25,9 @@ backend.prepare_process()
 from tlsweep.config import CONFIG_GROUPS, group_choices  # noqa: E402
 from tlsweep.errors import OutageError, UserError, full_disk, full_disk_message  # noqa: E402
 from tlsweep.redaction import redact, redact_url  # noqa: E402
+
+if TYPE_CHECKING:
+    from tlsweep.sweepspec import SweepSpec
 
 KEY_REFERENCE = """\
 keys (override any with key=value):
@@ -59,8 +62,8 @@ arguments after NAME:
                            {val_accuracy: maximize, latency_ms: minimize}), sampler (tpe
                            random grid cmaes gp qmc nsga2 nsga3), sampler_options, seed, pruner
                            (median hyperband successive_halving none), pruner_options,
-                           n_trials, timeout, storage, storage_patience, heartbeat_interval,
-                           grace_period, max_retry
+                           n_trials, timeout, storage, artifacts (trial artifacts' folder),
+                           storage_patience, heartbeat_interval, grace_period, max_retry
   KEY=choice(a,b) | range(a,b,step=s) | interval(a,b) | int(interval(a,b)) | tag(log,interval(a,b))
                            add or replace a search dimension (Hydra's sweep grammar)
   KEY=VALUE                a base override for every trial (fixes KEY if it was searched)
@@ -70,10 +73,12 @@ examples:
   tlsweep sweep quickstart sweep.n_trials=20      # resume the same study up to 20 trials
   tlsweep sweep backbones data=folder data.path=~/photos sweep.n_trials=40
   tlsweep sweep pareto                            # accuracy against latency (NSGA-II)
+  tlsweep sweep quickstart --dry-run              # print the space and settings, run nothing
 """
 
 
-STORAGE_READERS = ("runs", "report", "reproduce", "status")  # they take --storage or sweep.storage=
+# they take --storage or sweep.storage=
+STORAGE_READERS = ("runs", "report", "reproduce", "status", "dashboard")
 STORAGE_HELP = (
     "Optuna storage (also sweep.storage=URL); default: mlruns/, else where the sweep recorded it"
 )
@@ -93,7 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.apply_verbosity()  # a worker's level comes in its environment
     interrupts.install()
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        interrupts.raise_pending()  # a signal held back in database code until its end
+        return code
     except (UserError, OutageError) as exc:
         print(f"tlsweep: error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
@@ -204,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="local: worker processes here (default); slurm: --workers N jobs on a Slurm "
         "cluster (one job array, resources from launcher.KEY=VALUE, see conf/launcher/)",
     )
+    sweep.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the search space, settings and enqueued configurations, and exit "
+        "(no study, storage or run is created)",
+    )
     _hydra_flags(sweep)
     sweep.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     sweep.add_argument("--summarize", action="store_true", help=argparse.SUPPRESS)
@@ -248,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("run_b", metavar="RUN_B", help="another MLflow run id")
     cmp.add_argument(
         "--output", metavar="FILE", help="the HTML file (default compare_A_B.html, short ids)"
+    )
+
+    board = _command(
+        commands, "dashboard", cmd_dashboard, "optuna-dashboard on a sweep's study and artifacts"
+    )
+    board.add_argument("name", metavar="NAME", help="a sweep (study) name, as in tlsweep runs")
+    board.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    board.add_argument("--port", type=int, default=8080, help="port (8080; 0: any free port)")
+    board.add_argument("--storage", metavar="URL", help=STORAGE_HELP)
+    board.add_argument(
+        "--artifacts", metavar="DIR", help="the artifact folder (default: the one the sweep used)"
     )
 
     ui = _command(commands, "ui", cmd_ui, "the MLflow UI on this project's store")
@@ -348,6 +372,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         else:
             _print_config(args.cfg, spec.base, args.resolve)
         return 0
+    if args.dry_run:
+        print(_plan(spec, max(args.workers, len(gpus), 1)), end="")
+        return 0
     if args.launcher == "slurm":
         return _submit_to_slurm(spec, sweep_args, args.workers, launcher)
     backend.import_quietly()
@@ -361,6 +388,67 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     else:
         summary = run_sweep(spec)
     return 0 if summary.best_value is not None and not summary.shortfall else 1
+
+
+def _plan(spec: SweepSpec, workers: int) -> str:
+    """``sweep --dry-run``: the resolved space, settings and enqueued configurations."""
+    s = spec.settings
+    lines = [f"sweep {spec.name}: study {s.study_name}, nothing run (--dry-run)"]
+    lines += [*_space_lines(spec), *_settings_lines(spec, workers)]
+    lines.append(f"enqueued ({len(spec.enqueue)}):" if spec.enqueue else "enqueued: none")
+    lines += [
+        f"  {i}. " + " ".join(f"{k}={v}" for k, v in params.items())
+        for i, params in enumerate(spec.enqueue, start=1)
+    ]
+    if spec.base:
+        lines.append(f"base: {' '.join(spec.base)}")
+    return "\n".join(lines) + "\n"
+
+
+def _space_lines(spec: SweepSpec) -> list[str]:
+    """Each dimension with its distribution and size, then the grid size."""
+    from tlsweep.sweepspec import describe_dimension, dimension_size, grid_size
+
+    width = max(len(dim.key) for dim in spec.space)
+    lines = ["search space:"]
+    for dim in spec.space:
+        size = dimension_size(dim)
+        count = f"{size} values" if size is not None else "continuous"
+        lines.append(f"  {dim.key:<{width}}  {describe_dimension(dim)}  ({count})")
+    grid = grid_size(spec.space)
+    continuous = ", ".join(dim.key for dim in spec.space if dimension_size(dim) is None)
+    lines.append(f"grid size: {grid}" if grid else f"grid size: infinite ({continuous})")
+    return lines
+
+
+def _settings_lines(spec: SweepSpec, workers: int) -> list[str]:
+    """The study settings; the storage without its password."""
+    from tlsweep.sweepspec import artifacts_dir
+
+    s = spec.settings
+    objective = ", ".join(f"{name} ({direction})" for name, direction in s.objective_pairs)
+    url = s.storage or _default_storage(workers)
+    return [
+        "settings:",
+        f"  objective  {objective}",
+        f"  sampler    {s.sampler}{_options(s.sampler_options)}, seed {s.seed}",
+        f"  pruner     {s.pruner}{_options(s.pruner_options)}",
+        f"  n_trials   {s.n_trials}" + (f", timeout {s.timeout:g} s" if s.timeout else ""),
+        f"  storage    {redact_url(url)}" + ("" if s.storage else " (default)"),
+        f"  artifacts  {artifacts_dir(s, url)}",
+    ]
+
+
+def _default_storage(workers: int) -> str:
+    """The storage a new study gets (`sweep.storage_url` without opening anything: a study
+    already in the journal file stays there)."""
+    if workers > 1:
+        return f"journal://{Path('mlruns/optuna.journal').resolve()}"
+    return f"sqlite:///{Path('mlruns/optuna.db').resolve()}"
+
+
+def _options(options: dict[str, Any]) -> str:
+    return f" {options}" if options else ""
 
 
 def _multirun(overrides: Sequence[str]) -> int:
@@ -500,6 +588,39 @@ def _write_page(path: Path, page: str) -> None:
         path.write_text(page, encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """optuna-dashboard on the sweep's storage (the journal too) and artifact folder."""
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port={args.port} is not allowed: 0-65535 (0: any free port)")
+    _require_dashboard()  # before TensorFlow loads
+    backend.import_quietly()
+    from tlsweep import sweep, tracking
+
+    tracking.connect()
+    board = sweep.open_dashboard(args.name, args.storage, args.artifacts)
+
+    def ready(url: str) -> None:
+        print(f"optuna-dashboard for sweep {args.name} ({board.describe()})", flush=True)
+        print(f"  {url}  (Ctrl-C stops)", flush=True)
+
+    sweep.serve_dashboard(board, args.host, args.port, ready)
+    return 0
+
+
+def _require_dashboard() -> None:
+    """A one-line `UserError` when optuna-dashboard is not installed (nothing imported)."""
+    from importlib.util import find_spec
+
+    try:
+        found = find_spec("optuna_dashboard") is not None
+    except (ImportError, ValueError):  # ValueError: a module set to None (blocked)
+        found = False
+    if not found:
+        raise UserError(
+            "tlsweep dashboard needs optuna-dashboard: pip install 'tlsweep[dashboard]'"
+        )
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

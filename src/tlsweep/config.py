@@ -129,6 +129,7 @@ class TrackingConfig:
     experiment: str = "tlsweep"
     run_name: str | None = None
     log_model: bool = True
+    system_metrics: bool = True  # CPU, memory, disk, network (GPU with pynvml): system/* metrics
 
 
 @dataclass

@@ -19,9 +19,15 @@ from tlsweep.backbones import BackboneCache
 from tlsweep.backend import clear_state, configure_devices, seed_everything
 from tlsweep.config import Config, to_config
 from tlsweep.data import ImageData, load_run_data
-from tlsweep.features import cached_features
+from tlsweep.features import Features, cached_features
 from tlsweep.model import build_classifier, build_trunk, head_of, parameter_counts
-from tlsweep.train import TrainResult, train, training_path, uses_feature_cache
+from tlsweep.train import (
+    EpochCallback,
+    TrainResult,
+    train,
+    training_path,
+    uses_feature_cache,
+)
 
 DataLoader = Callable[[Config], ImageData]
 ModelPolicy = bool | Callable[[TrainResult], bool] | None
@@ -81,42 +87,60 @@ def execute(
     callbacks: Sequence[keras.callbacks.Callback] = (),
     log_model: ModelPolicy = None,
 ) -> TrainResult:
-    """Train a prepared model inside the run ``run_id`` and record everything.
+    """Train a prepared model inside the run ``run_id`` and record everything, the machine's
+    use too (``tracking.system_metrics``).
 
     ``log_model``: None follows ``tracking.log_model``; a callable decides from the result.
-    When the backbone stayed frozen, a sweep's best-so-far trial stores only its head's weights
-    (``stored_model="head"``): `materialize_model` assembles the full model when it is needed.
+    When the backbone stayed frozen, a sweep's best-so-far trial stores only its head's weights:
+    `materialize_model` assembles the full model when it is needed.
     """
-    data, model = prepared.data, prepared.model
-    features = (  # an augmenting run trains end to end: feature_cache=off
-        cached_features(cfg, model, data, weights_sha256=prepared.backbone_digest)
-        if uses_feature_cache(cfg)
-        else None
-    )
+    with tracking.monitor_system(run_id, enabled=cfg.tracking.system_metrics):
+        data, model = prepared.data, prepared.model
+        features = (  # an augmenting run trains end to end: feature_cache=off
+            cached_features(cfg, model, data, weights_sha256=prepared.backbone_digest)
+            if uses_feature_cache(cfg)
+            else None
+        )
+        _log_inputs(run_id, cfg, prepared, features)
+        logger = EpochCallback(tracking.epoch_logger(run_id))
+        result = train(cfg, data, model, [logger, *callbacks], features)
+        tracking.log_result(run_id, result, data.class_names)
+        _log_model(run_id, result, data.class_names, _stored_model(cfg, result, log_model))
+    return result
+
+
+def _log_inputs(run_id: str, cfg: Config, prepared: Prepared, features: Features | None) -> None:
     tracking.set_tags(run_id, {"device": prepared.device})
     tracking.log_inputs(
         run_id,
         cfg,
-        data,
-        parameter_counts(model),
+        prepared.data,
+        parameter_counts(prepared.model),
         feature_cache=features.status if features else "off",
         extra={
             WEIGHTS_DIGEST_PARAM: prepared.backbone_digest,
             TRAIN_PATH_PARAM: training_path(features),
         },
     )
-    result = train(cfg, data, model, [tracking.epoch_logger(run_id), *callbacks], features)
+
+
+def _stored_model(cfg: Config, result: TrainResult, log_model: ModelPolicy) -> str:
+    """What the run stores: "full" (the raw-image model), "head" (its weights only) or "none".
+    A sweep's predicate (callable) picks best-so-far trials: their head suffices unless the
+    backbone was fine-tuned. None or a bool: the whole model or nothing."""
     keep_model = log_model(result) if callable(log_model) else log_model
-    # A sweep's predicate (callable) picks best-so-far trials: their head suffices unless the
-    # backbone was fine-tuned. None or a bool: the whole model or nothing.
     if keep_model is None:
-        stored = "full" if cfg.tracking.log_model else "none"
-    elif keep_model:
-        stored = "full" if result.backbone_changed or not callable(log_model) else "head"
-    else:
-        stored = "none"
-    tracking.log_result(run_id, result, data, cfg, stored_model=stored)
-    return result
+        return "full" if cfg.tracking.log_model else "none"
+    if keep_model:
+        return "full" if result.backbone_changed or not callable(log_model) else "head"
+    return "none"
+
+
+def _log_model(run_id: str, result: TrainResult, class_names: Sequence[str], stored: str) -> None:
+    if stored == "full":
+        tracking.log_keras_model(run_id, result.model, class_names)
+    elif stored == "head":
+        tracking.log_head_weights(run_id, head_of(result.model))
 
 
 def materialize_model(

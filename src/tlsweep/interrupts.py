@@ -14,7 +14,14 @@ which may have had it already). A second Ctrl-C still stops a process that hangs
 An exception raised by a signal handler can land where Python swallows it: in a ``__del__``
 or a weakref callback run by the garbage collector, which only prints "Exception ignored".
 The interruption is then remembered and raised again at the next safe point
-(`raise_pending`: every training batch, every trial, the trial loop, the feature pass).
+(`raise_pending`: every training batch, every trial, the trial loop, the feature pass, the
+waits for a database or the study lock, the end of the command).
+
+Nor is it raised inside database code (`PROTECTED_MODULES`: SQLAlchemy, the SQLite and
+PostgreSQL drivers, MLflow's SQL stores, Optuna's storages): an exception cut through a
+transaction there can leave this process holding the database's lock (seen with MLflow's
+SQLite store: every later write, this process's own clean-up included, then waits out the
+20 s busy timeout and fails). It is held back until the next safe point instead.
 """
 
 from __future__ import annotations
@@ -23,6 +30,17 @@ import signal
 from types import FrameType
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PROTECTED_MODULES = (
+    "sqlalchemy",
+    "sqlite3",
+    "psycopg",
+    "psycopg2",
+    "alembic",
+    "mlflow.store.db",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+    "optuna.storages",
+)
 _pending: Interrupted | None = None  # the signal received, until it is seen handled
 
 
@@ -74,10 +92,22 @@ def exit_code(exc: BaseException) -> int:
     return exc.exit_code if isinstance(exc, Interrupted) else 128 + signal.SIGINT
 
 
+def in_database_code(frame: FrameType | None) -> bool:
+    """Whether ``frame`` or a caller of it runs in one of the `PROTECTED_MODULES`."""
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if any(module == m or module.startswith(f"{m}.") for m in PROTECTED_MODULES):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     global _pending
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up runs to its end...
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # ...unless Ctrl-C is pressed again
     _pending = Interrupted(signum)
+    if in_database_code(frame):
+        return  # raised at the next safe point, the transaction done
     raise _pending

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from tlsweep import plots, report, tracking
+from tlsweep import metrics, plots, report, tracking
 from tlsweep.errors import UserError
 from tlsweep.redaction import redact_url
 
@@ -51,7 +51,7 @@ def sweep_report(name: str, top: int = 5, storage: str | None = None) -> report.
         space=space,
         counts=_state_counts(board),
         best=best,
-        optuna_plots={k: plots.to_png(f) for k, f in sweep.optuna_figures(study).items()},
+        **_optuna_plots(sweep.optuna_figures, study),
         curves_png=_top_curves(top_rows, metric),
         curves_runs=[r["run_id"] for r in top_rows],
         best_evaluation=evaluation,
@@ -89,6 +89,18 @@ def run_comparison(run_a: str, run_b: str) -> report.RunComparison:
 # --- the sweep report ----------------------------------------------------------------------------
 
 
+def _optuna_plots(draw: Any, study: Any) -> dict[str, Any]:
+    """Optuna's interactive Plotly charts with plotly.js to inline, else (no plotly) PNGs."""
+    try:
+        charts = draw(study, kind="plotly")
+    except ImportError:
+        return {"optuna_plots": {k: plots.to_png(f) for k, f in draw(study).items()}}
+    return {
+        "optuna_charts": {name: plots.plotly_div(figure) for name, figure in charts.items()},
+        "plotly_js": plots.plotly_script() if charts else "",
+    }
+
+
 def _sweep_settings(tags: dict[str, str]) -> dict[str, str]:
     return {
         k.removeprefix("sweep."): v
@@ -102,7 +114,7 @@ def _objective(settings: dict[str, str]) -> tuple[str, str, str | None]:
     metric = settings.get("metric", "val_accuracy")
     direction = settings.get("direction", "None")
     if direction in ("None", ""):
-        direction = "minimize" if "loss" in metric else "maximize"
+        direction = metrics.direction(metric)
     objectives = settings.get("objectives", "None")
     return metric, direction, None if objectives in ("None", "", "{}") else objectives
 

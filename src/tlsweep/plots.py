@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 
@@ -111,3 +112,18 @@ def to_png(figure: Figure, dpi: int = 100) -> bytes:
     figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(figure)  # pyplot keeps figures made by others (Optuna's) open until closed
     return buffer.getvalue()
+
+
+def plotly_div(figure: Any) -> str:
+    """A Plotly figure as an HTML fragment for a page that embeds plotly.js once
+    (`plotly_script`): interactive (zoom, hover), drawn offline."""
+    return figure.to_html(
+        full_html=False, include_plotlyjs=False, config={"displaylogo": False, "responsive": True}
+    )
+
+
+def plotly_script() -> str:
+    """plotly.js itself (about 4.6 MB), to inline once in a self-contained page."""
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()

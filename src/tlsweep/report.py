@@ -100,6 +100,8 @@ figure{margin:0}figcaption{font-size:.85em;color:#57606a;text-align:center}
 img{max-width:100%;height:auto;border:1px solid #eee}
 pre{background:#f6f8fa;padding:10px;border-radius:6px;overflow-x:auto;font-size:.85em}
 .note{color:#57606a;font-size:.9em}.scroll{overflow-x:auto;max-width:100%}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:16px}
+figure.chart{min-width:0}
 """
 
 
@@ -129,6 +131,8 @@ class SweepReport:
     counts: dict[str, int] = field(default_factory=dict)  # complete, pruned, fail
     best: dict[str, Any] = field(default_factory=dict)  # trial, run_id, value, params
     optuna_plots: dict[str, bytes] = field(default_factory=dict)  # name -> PNG
+    optuna_charts: dict[str, str] = field(default_factory=dict)  # name -> Plotly HTML (preferred)
+    plotly_js: str = ""  # inlined once when there are charts: the page stays self-contained
     curves_png: bytes | None = None
     curves_runs: list[str] = field(default_factory=list)
     best_evaluation: RunEvaluation | None = None
@@ -237,7 +241,8 @@ def sweep_commands(
 
 
 def sweep_report_html(rep: SweepReport) -> str:
-    """One self-contained page: every figure is an embedded PNG, no external resource."""
+    """One self-contained page, no external resource: figures are embedded PNGs, and Optuna's
+    plots interactive Plotly charts when given (plotly.js inlined), else PNGs."""
     best = rep.best
     summary = [
         ("sweep (study)", rep.name),
@@ -273,7 +278,12 @@ def sweep_report_html(rep: SweepReport) -> str:
     order = "Pareto rank, then the first objective" if rep.objectives else f"{rep.metric}"
     sections.append(("leaderboard", f"Leaderboard ({order}, best first)", body))
 
-    if rep.optuna_plots:
+    if rep.optuna_charts and rep.plotly_js:
+        charts = "".join(
+            _chart(div, name.replace("_", " ")) for name, div in rep.optuna_charts.items()
+        )
+        sections.append(("optuna", "Optuna plots", f"<div class='charts'>{charts}</div>"))
+    elif rep.optuna_plots:
         figures = "".join(
             _figure(png, name.replace("_", " ")) for name, png in rep.optuna_plots.items()
         )
@@ -319,7 +329,8 @@ def sweep_report_html(rep: SweepReport) -> str:
         sections.append(("reproduce", "Reproduce", f"<pre>{html.escape(lines)}</pre>"))
 
     subtitle = f"parent run {rep.parent_run_id}" + (f" · {rep.generated}" if rep.generated else "")
-    return _page(f"sweep report: {rep.name}", subtitle, sections)
+    script = rep.plotly_js if rep.optuna_charts else ""
+    return _page(f"sweep report: {rep.name}", subtitle, sections, script=script)
 
 
 def comparison_html(c: RunComparison) -> str:
@@ -364,7 +375,9 @@ def rich_table(frame: pd.DataFrame, title: str | None = None) -> Any:
     return table
 
 
-def _page(title: str, subtitle: str, sections: Sequence[tuple[str, str, str]]) -> str:
+def _page(
+    title: str, subtitle: str, sections: Sequence[tuple[str, str, str]], script: str = ""
+) -> str:
     nav = "".join(f"<a href='#{key}'>{html.escape(head)}</a>" for key, head, _ in sections)
     body = "".join(
         f"<section id='{key}'><h2>{html.escape(head)}</h2>{content}</section>"
@@ -372,10 +385,16 @@ def _page(title: str, subtitle: str, sections: Sequence[tuple[str, str, str]]) -
     )
     return (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{PAGE_STYLE}</style></head><body>"
+        f"<title>{html.escape(title)}</title><style>{PAGE_STYLE}</style>"
+        + (f"<script>{script}</script>" if script else "")
+        + "</head><body>"
         f"<header><h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p></header>"
         f"<nav>{nav}</nav><main>{body}</main></body></html>\n"
     )
+
+
+def _chart(div: str, caption: str) -> str:
+    return f"<figure class='chart'>{div}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
 def _figure(png: bytes, caption: str) -> str:

@@ -9,6 +9,8 @@ A sweep file (``sweeps/NAME.yaml``)::
       head.dense_units: choice(64, 128, 256)
       head.dropout: interval(0.0, 0.5)
       optimizer.learning_rate: tag(log, interval(1e-4, 1e-2))
+    enqueue:                 # known configurations, tried first (optional)
+      - {head.dense_units: 128, head.dropout: 0.2}
     sweep:                   # study settings (SweepSettings)
       n_trials: 10
 
@@ -37,6 +39,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tlsweep import metrics
 from tlsweep.config import CONFIG_GROUPS, compose
 from tlsweep.errors import UserError
 
@@ -49,7 +52,7 @@ EPOCH_METRICS = ("val_accuracy", "val_loss", "accuracy", "loss")
 # Measured once per completed trial on its trained raw-image model (not per epoch):
 # latency_ms: median milliseconds per image at batch 1 on the machine running the trial;
 # params: the model's total parameter count.
-COST_METRICS = ("latency_ms", "params")
+COST_METRICS = metrics.COST_METRICS
 OBJECTIVE_METRICS = (*EPOCH_METRICS, *COST_METRICS)
 DIRECTIONS = ("maximize", "minimize")
 
@@ -72,6 +75,7 @@ class SweepSettings:
     n_trials: int = 10
     timeout: float | None = None  # seconds for this invocation; null: no limit
     storage: str | None = None  # null: sqlite:///mlruns/optuna.db (a journal file for workers)
+    artifacts: str | None = None  # trial artifacts; null: optuna-artifacts/ beside the storage
     heartbeat_interval: int = 20  # seconds between a running trial's heartbeats (RDB storages)
     grace_period: int | None = None  # silence after which a trial is lost; null: 4 heartbeats
     max_retry: int = 2  # how often a lost trial (dead worker) is retried
@@ -110,8 +114,8 @@ class SweepSettings:
 
 
 def default_direction(metric: str) -> str:
-    """Losses and costs are minimized, the rest maximized."""
-    return "minimize" if "loss" in metric or metric in COST_METRICS else "maximize"
+    """Losses and costs are minimized, the rest maximized (`metrics.direction`)."""
+    return metrics.direction(metric)
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,7 @@ class SweepSpec:
     base: tuple[str, ...]
     space: tuple[Dimension, ...]
     settings: SweepSettings
+    enqueue: tuple[dict[str, Scalar], ...] = ()  # configurations tried first (`enqueued`)
 
     def trial_overrides(self, params: Mapping[str, Scalar]) -> list[str]:
         """The Hydra overrides of one trial: the base, then the sampled values."""
@@ -191,9 +196,13 @@ def load_sweep(name: str, cli_overrides: Sequence[str] = ()) -> SweepSpec:
     }
     settings = dict(document.get("sweep") or {})
     settings.setdefault("study_name", path.stem)
+    searched = set(space)
     _apply_cli(cli_overrides, base, space, settings)
     _objective_defaults(settings)
-    spec = SweepSpec(path.stem, tuple(base), tuple(space.values()), _settings(settings))
+    fixed = searched - set(space)  # fixed on the command line: that value wins
+    entries = [{k: v for k, v in e.items() if k not in fixed} for e in document["enqueue"]]
+    enqueue = enqueued(entries, tuple(space.values()))
+    spec = SweepSpec(path.stem, tuple(base), tuple(space.values()), _settings(settings), enqueue)
     validate_sweep(spec)
     return spec
 
@@ -289,7 +298,84 @@ def validate_sweep(spec: SweepSpec) -> None:
     if s.sampler == "grid":
         for dim in spec.space:
             dim.grid_values()
+    enqueued(spec.enqueue, spec.space, whole=s.sampler == "grid")
+    if len(spec.enqueue) > s.n_trials:
+        raise UserError(
+            f"sweep.n_trials={s.n_trials} is fewer than the {len(spec.enqueue)} enqueued "
+            "configurations; raise it or enqueue fewer"
+        )
     _check_keys(spec)
+
+
+def enqueued(
+    entries: Sequence[Mapping[str, Any]], space: Sequence[Dimension], whole: bool = False
+) -> tuple[dict[str, Scalar], ...]:
+    """The configurations a sweep file enqueues, each value checked against its dimension and
+    given its type (``0`` for a float interval is ``0.0``); empty entries are left out.
+    ``whole``: every entry must set every dimension (the grid sampler cannot fill in the rest)."""
+    dims = {dim.key: dim for dim in space}
+    out = []
+    for number, entry in enumerate(entries, start=1):
+        if not entry:
+            continue
+        where = f"enqueue entry {number}"
+        unknown = [str(key) for key in entry if key not in dims]
+        if unknown:
+            raise UserError(
+                f"{where}: {unknown[0]} is not a search-space dimension; "
+                f"searched: {', '.join(dims)}"
+            )
+        missing = [key for key in dims if key not in entry]
+        if whole and missing:
+            raise UserError(
+                f"{where}: with sweep.sampler=grid an entry sets every dimension; "
+                f"missing: {', '.join(missing)}"
+            )
+        out.append({key: _enqueue_value(dims[key], value, where) for key, value in entry.items()})
+    return tuple(out)
+
+
+def describe_dimension(dim: Dimension) -> str:
+    """``choice(64, 128)``, ``int in [16, 64] step 16``, ``float in [0.0001, 0.001] log``."""
+    if dim.kind == "categorical":
+        return f"choice({', '.join(_format(c) for c in dim.choices)})"
+    low, high = (int(dim.low), int(dim.high)) if dim.kind == "int" else (dim.low, dim.high)
+    text = f"{dim.kind} in [{low}, {high}]"
+    return text + (f" step {_tidy(dim.step)}" if dim.step else "") + (" log" if dim.log else "")
+
+
+def dimension_size(dim: Dimension) -> int | None:
+    """How many values a dimension has; None for a float interval (continuous)."""
+    if dim.kind == "categorical":
+        return len(dim.choices)
+    if dim.kind == "int":
+        return int(dim.high - dim.low) // int(dim.step or 1) + 1
+    return None if dim.step is None else round((dim.high - dim.low) / dim.step) + 1
+
+
+def grid_size(space: Sequence[Dimension]) -> int | None:
+    """The number of distinct configurations; None when a dimension is continuous."""
+    sizes = [dimension_size(dim) for dim in space]
+    return None if None in sizes else math.prod(s for s in sizes if s is not None)
+
+
+def storage_file(url: str) -> Path | None:
+    """The file a journal or SQLite storage URL names; None for a database server."""
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:").removeprefix("//")).expanduser()
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return Path(url.removeprefix("sqlite:///")).expanduser()
+    return None
+
+
+def artifacts_dir(settings: SweepSettings, url: str) -> Path:
+    """Where a study's trial artifacts live: ``sweep.artifacts``, else ``optuna-artifacts/``
+    beside the storage's file, else (a database server) ``mlruns/optuna-artifacts/``; several
+    machines need ``sweep.artifacts`` on a folder they share."""
+    if settings.artifacts:
+        return Path(settings.artifacts).expanduser().resolve()
+    file = storage_file(url)
+    return (file.parent if file else Path("mlruns")).resolve() / ARTIFACTS_FOLDER
 
 
 def worker_overrides() -> list[str]:
@@ -311,7 +397,8 @@ def with_settings(spec: SweepSpec, **changes: Any) -> SweepSpec:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-SECTIONS = ("base", "search_space", "sweep")
+SECTIONS = ("base", "search_space", "enqueue", "sweep")
+ARTIFACTS_FOLDER = "optuna-artifacts"
 
 
 def _read_document(path: Path) -> dict[str, Any]:
@@ -341,11 +428,56 @@ def _read_document(path: Path) -> dict[str, Any]:
         )
     for section in SECTIONS:
         value = document.get(section)
-        if value is not None and not isinstance(value, dict):
+        if section == "enqueue":
+            document[section] = _enqueue_section(path, value)
+        elif value is not None and not isinstance(value, dict):
             raise UserError(
                 f"{path}: section {section} is a {_kind(value)}; write it as KEY: VALUE lines"
             )
     return document
+
+
+def _enqueue_section(path: Path, value: object) -> list[dict[str, Any]]:
+    """``enqueue``: a list of mappings (one configuration each), or nothing."""
+    entries = [] if value is None else value
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        shown = _kind(entries) if not isinstance(entries, list) else "list of other things"
+        raise UserError(
+            f"{path}: section enqueue is a {shown}; write it as a list of configurations, "
+            "e.g. - {head.dense_units: 128, head.dropout: 0.2}"
+        )
+    return entries
+
+
+def _enqueue_value(dim: Dimension, value: Any, where: str) -> Scalar:
+    """``value`` as a point of ``dim``, or a one-line `UserError` saying what is allowed."""
+    refused = UserError(
+        f"{where}: {dim.key}={_shown(value)} is not allowed; the search space has "
+        f"{dim.key}: {describe_dimension(dim)}"
+    )
+    if dim.kind == "categorical":
+        same = [c for c in dim.choices if c == value and _is_number(c) == _is_number(value)]
+        if not same:
+            raise refused
+        return same[0]
+    if not _is_number(value) or (dim.kind == "int" and not float(value).is_integer()):
+        raise refused
+    number = int(value) if dim.kind == "int" else float(value)
+    offset = (number - dim.low) / dim.step if dim.step else 0.0
+    if not dim.low <= number <= dim.high or abs(offset - round(offset)) > 1e-9:
+        raise refused
+    return number
+
+
+def _shown(value: Any) -> str:
+    """``value`` as YAML would read it back: text that YAML reads otherwise is quoted."""
+    if isinstance(value, str) and yaml.safe_load(_format(value)) != value:
+        return f"'{value}'"
+    return _format(value)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _kind(value: object) -> str:

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from tlsweep import backend, interrupts
+from tlsweep import backend, interrupts, metrics
 from tlsweep.config import Config, TrainConfig
 from tlsweep.data import ImageData, Split
 from tlsweep.features import Features
@@ -195,7 +195,7 @@ def fit_stages(
             epochs=tc.epochs,
             verbose=0,
             shuffle=False,
-            callbacks=[Reshuffle(head_train), *head_callbacks, _early_stopping(tc)],
+            callbacks=[Reshuffle(head_train), *head_callbacks, early_stopping(tc)],
         )
     frames = [_history_frame(head, stage="head")]
     done = len(head.epoch) and head.epoch[-1] + 1
@@ -212,7 +212,7 @@ def fit_stages(
                 verbose=0,
                 shuffle=False,
                 epochs=done + tc.fine_tune.epochs,
-                callbacks=[Reshuffle(train_ds), *callbacks, _early_stopping(tc)],
+                callbacks=[Reshuffle(train_ds), *callbacks, early_stopping(tc)],
             )
         frames.append(_history_frame(tuned, stage="fine_tune"))
     return pd.concat(frames, ignore_index=True)
@@ -330,7 +330,7 @@ class KeepBestWeights(keras.callbacks.Callback):
         super().__init__()
         self.monitor = monitor
         self.target = target  # the whole classifier, whichever sub-model a stage fits
-        self.minimize = "loss" in monitor
+        self.minimize = metrics.direction(monitor) == "minimize"
         self.best = float("inf") if self.minimize else float("-inf")
         self.best_epoch = -1
         self._saved: dict[int, tuple[keras.Variable, np.ndarray]] = {}
@@ -358,10 +358,14 @@ def _value(variable: keras.Variable) -> np.ndarray:
     return np.array(keras.ops.convert_to_numpy(variable))  # a copy, not a view
 
 
-def _early_stopping(tc: TrainConfig) -> keras.callbacks.EarlyStopping:
+def early_stopping(tc: TrainConfig) -> keras.callbacks.EarlyStopping:
+    """Keras's early stopping on ``train.early_stopping.monitor``, in that metric's direction;
+    no patience set: it never stops (the best epoch's weights are still restored)."""
     es = tc.early_stopping
     patience = es.patience if es.patience is not None else tc.epochs + tc.fine_tune.epochs
-    return keras.callbacks.EarlyStopping(monitor=es.monitor, patience=patience, mode="auto")
+    return keras.callbacks.EarlyStopping(
+        monitor=es.monitor, patience=patience, mode=metrics.keras_mode(es.monitor)
+    )
 
 
 def _history_frame(history: keras.callbacks.History, stage: str) -> pd.DataFrame:

@@ -6,15 +6,19 @@ monitored metric every epoch so the pruner can stop it, and returns its best epo
 A sweep with several objectives (``sweep.objectives``: accuracy against latency or size)
 returns a tuple per trial, is not pruned, and ends with its Pareto front registered.
 
-Public face: `run_sweep` (one process), `run_workers` (several on this machine, supervised)
-and `run_worker` (one of them), `submit_workers` (Slurm jobs), `show_status`, the study
-helpers (`open_storage`, `open_study`, `load_study`, `study_names`, `storage_url`), the
-sampler/pruner factories, and the read side
-used by ``tlsweep runs`` and ``tlsweep reproduce`` (`leaderboard`, `best_run_id`,
-`parent_run_id`, `pareto_front`).
-The private modules: ``_storage`` (where studies live), ``_samplers``, ``_objective`` (one
-trial), ``_run`` (the trial loop), ``_workers`` (local worker processes), ``_slurm`` (worker
-jobs through submitit), ``_status`` and ``_summary`` (the end of a sweep).
+Public face (what the CLI, the report and the benchmarks call): `run_sweep` (one process),
+`run_workers` (several on this machine, supervised) and `run_worker` (one of them),
+`submit_workers` (Slurm jobs), `show_status`, the study helpers (`open_storage`,
+`load_study`, `study_names`), the read side of ``tlsweep runs``, ``report`` and
+``reproduce`` (`leaderboard`, `best_run_id`, `parent_run_id`, `optuna_figures`), and
+``tlsweep dashboard`` (`open_dashboard`, `serve_dashboard`).
+
+The private modules, each with its tests: ``_storage`` (where studies live), ``_samplers``,
+``_objective`` (one trial), ``_artifacts`` (each trial's confusion matrix in Optuna's artifact
+store), ``_run`` (the trial loop), ``_workers`` (local worker processes), ``_slurm`` (worker
+jobs through submitit), ``_status``, ``_summary`` (the end of a sweep), ``_dashboard``,
+``_patience`` (a database that restarts), ``_optuna_private`` (every use of Optuna's private
+API, checked by ``tests/test_optuna_private.py``).
 """
 
 from __future__ import annotations
@@ -23,34 +27,18 @@ import warnings
 
 import optuna
 
-from tlsweep.sweep._common import (
-    ENDED_STATES,
-    FAIL_REASON_ATTR,
-    FINISHED_STATES,
-    PARENT_RUN_ATTR,
-    RUN_ID_ATTR,
-)
+from tlsweep.sweep._common import FAIL_REASON_ATTR, RUN_ID_ATTR
+from tlsweep.sweep._dashboard import open_dashboard, serve_dashboard
 from tlsweep.sweep._run import run_sweep, run_worker
-from tlsweep.sweep._samplers import make_pruner, make_sampler, sampler_factory, suggest
 from tlsweep.sweep._slurm import submit_workers
-from tlsweep.sweep._status import show_status, status_line
-from tlsweep.sweep._storage import (
-    DEFAULT_STORAGE,
-    load_study,
-    open_storage,
-    open_study,
-    storage_url,
-    study_names,
-)
+from tlsweep.sweep._status import show_status
+from tlsweep.sweep._storage import load_study, open_storage, study_names
 from tlsweep.sweep._summary import (
     SweepSummary,
     best_run_id,
     leaderboard,
     optuna_figures,
     parent_run_id,
-    pareto_front,
-    pareto_ranks,
-    summarize,
 )
 from tlsweep.sweep._workers import run_workers
 
@@ -59,33 +47,21 @@ optuna.logging.set_verbosity(optuna.logging.ERROR)  # trial outcomes are printed
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 __all__ = [
-    "DEFAULT_STORAGE",
-    "ENDED_STATES",
     "FAIL_REASON_ATTR",
-    "FINISHED_STATES",
-    "PARENT_RUN_ATTR",
     "RUN_ID_ATTR",
     "SweepSummary",
     "best_run_id",
     "leaderboard",
     "load_study",
-    "make_pruner",
-    "make_sampler",
+    "open_dashboard",
     "open_storage",
-    "open_study",
     "optuna_figures",
     "parent_run_id",
-    "pareto_front",
-    "pareto_ranks",
     "run_sweep",
     "run_worker",
     "run_workers",
-    "sampler_factory",
+    "serve_dashboard",
     "show_status",
-    "status_line",
-    "storage_url",
     "study_names",
     "submit_workers",
-    "suggest",
-    "summarize",
 ]

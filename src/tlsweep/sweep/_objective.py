@@ -30,6 +30,7 @@ from tlsweep.latency import measure_latency
 from tlsweep.model import parameter_counts
 from tlsweep.progress import SweepProgress
 from tlsweep.redaction import redact
+from tlsweep.sweep._artifacts import ArtifactFolder, upload_confusion_matrix
 from tlsweep.sweep._common import FAIL_REASON_ATTR, RUN_ID_ATTR, WORKER_ATTR
 from tlsweep.sweep._samplers import suggest
 from tlsweep.sweep._storage import retry_interrupted
@@ -57,6 +58,7 @@ class Objective:
         self.worker = ""  # recorded on each trial, to find a dead worker's trials
         self.on_start: Callable[[], None] = lambda: None  # called once the trial is RUNNING
         self.outage: OutageError | None = None  # a gone server or a full disk a trial met
+        self.artifacts: ArtifactFolder | None = None  # each trial's confusion matrix goes there
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         interrupts.raise_pending()
@@ -95,6 +97,9 @@ class Objective:
                         multi or (not reporter.stop_run and self._is_new_best(trial, reporter.best))
                     ),
                 )
+                if self.artifacts is not None:  # a full disk: handled below, as any is
+                    names = prepared.data.class_names
+                    upload_confusion_matrix(trial, self.artifacts, result, names)
                 if not reporter.stop_run:
                     costs = measure_costs(result.model, self.spec)
                     tracking.log_trial_costs(run_id, costs)

@@ -27,7 +27,9 @@ from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
-from optuna.storages._heartbeat import BaseHeartbeat
+
+from tlsweep import interrupts
+from tlsweep.sweep._optuna_private import STALE_TRIAL_IDS, BaseHeartbeat
 
 MAX_DELAY = 10.0  # seconds between attempts, at most
 
@@ -68,10 +70,11 @@ class _PatientBase(BaseStorage, BaseHeartbeat):
             if not is_connection_error(exc):
                 raise
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+    def stale_trial_ids(self, study_id: int) -> list[int]:
+        """Optuna's `STALE_TRIAL_IDS` hook (what ``fail_stale_trials`` asks)."""
         if time.monotonic() - self._reconnected_at < self._grace_period:
             return []  # every heartbeat is old after an outage: wait for the live ones
-        return self._call("_get_stale_trial_ids", study_id)
+        return self._call(STALE_TRIAL_IDS, study_id)
 
     def set_trial_state_values(
         self, trial_id: int, state: optuna.trial.TrialState, values: Any = None
@@ -100,6 +103,7 @@ class _PatientBase(BaseStorage, BaseHeartbeat):
                     )
                 if now >= deadline:
                     raise
+                interrupts.raise_pending()  # one held back in database code stops the wait
                 time.sleep(min(delay, max(0.0, deadline - now)))
                 delay = min(2 * delay, MAX_DELAY)
                 continue
@@ -121,7 +125,7 @@ def _patient(name: str) -> Callable[..., Any]:
     return call
 
 
-_SPECIAL = {"record_heartbeat", "_get_stale_trial_ids", "set_trial_state_values"}
+_SPECIAL = {"record_heartbeat", STALE_TRIAL_IDS, "set_trial_state_values"}
 _DELEGATED = sorted(
     {
         name
@@ -134,7 +138,12 @@ _DELEGATED = sorted(
 # Every other storage method, retried the same way (built from Optuna's two base classes, so
 # that a method Optuna adds is retried too).
 PatientStorage = type(
-    "PatientStorage", (_PatientBase,), {name: _patient(name) for name in _DELEGATED}
+    "PatientStorage",
+    (_PatientBase,),
+    {
+        **{name: _patient(name) for name in _DELEGATED},
+        STALE_TRIAL_IDS: _PatientBase.stale_trial_ids,
+    },
 )
 PatientStorage.__doc__ = __doc__
 

@@ -23,7 +23,7 @@ from tlsweep.backbones import BackboneCache
 from tlsweep.config import ComposedBase, Config
 from tlsweep.experiment import prepare
 from tlsweep.progress import SweepProgress
-from tlsweep.sweep import _samplers
+from tlsweep.sweep import _artifacts, _samplers
 from tlsweep.sweep._common import (
     ENDED_STATES,
     FINISHED_STATES,
@@ -60,6 +60,7 @@ class Session:
     data: DataMemo  # the data the trials train on (loaded once, if they all share it)
     backbones: BackboneCache = field(default_factory=BackboneCache)  # trials and the champion
     supervised: bool = False  # a local worker: its supervisor handles its dead siblings
+    artifacts: _artifacts.ArtifactFolder | None = None  # Optuna's artifact store of the trials
 
 
 def run_sweep(spec: SweepSpec, progress: SweepProgress | None = None) -> SweepSummary:
@@ -127,12 +128,15 @@ def open_session(spec: SweepSpec, workers: int = 1, trains: bool = True) -> Sess
     pruner = _samplers.make_pruner(s)
     url = storage_url(s, workers)
     storage = open_storage(url, s)
+    artifacts = _artifacts.open_folder(s, url)
     lock = StudyLock(storage, url, s.study_name)
     tracking.connect(base.tracking)
     with lock.held():  # one parent run and distinct session numbers, however many start at once
         session_number = sessions_opened(storage, s.study_name)
         study = open_study(spec, storage, sampler_for(session_number), pruner)
         fail_dead_trials(study, s.max_retry)
+        enqueue_known(study, spec)
+        _artifacts.record_folder(study, artifacts)
         parent = tracking.open_parent_run(
             s.study_name, run_id=study.user_attrs.get(PARENT_RUN_ATTR), tags=parent_tags(spec, url)
         )
@@ -140,7 +144,16 @@ def open_session(spec: SweepSpec, workers: int = 1, trains: bool = True) -> Sess
         study.set_user_attr(PARENT_RUN_ATTR, parent)
         study.set_user_attr(SESSIONS_ATTR, session_number + 1)
         study.set_user_attr(N_TRIALS_ATTR, s.n_trials)  # for tlsweep status
-    return Session(spec, url, study, lock, parent, configs, data, backbones)
+    return Session(spec, url, study, lock, parent, configs, data, backbones, artifacts=artifacts)
+
+
+def enqueue_known(study: optuna.Study, spec: SweepSpec) -> None:
+    """Queue the sweep file's known configurations (``enqueue``) to run first. Each is queued
+    once: skipped while any trial of the study, in any state, already has its values, so that
+    resuming, or several workers opening the study, adds none twice. Call it under the study
+    lock."""
+    for params in spec.enqueue:
+        study.enqueue_trial(dict(params), skip_if_exists=True)
 
 
 def preload_data(spec: SweepSpec, base: Config) -> DataMemo:
@@ -172,6 +185,7 @@ def work(session: Session, progress: SweepProgress, worker: str | None = None) -
         session.data,
     )
     objective.worker = worker or worker_id()
+    objective.artifacts = session.artifacts
     deadline = None if s.timeout is None else time.monotonic() + s.timeout
     max_failures, failures = max(3, s.n_trials), 0
     patience = 2 * (s.grace_period or 4 * s.heartbeat_interval)  # bound on waiting for others

@@ -6,10 +6,9 @@ import inspect
 from collections.abc import Callable
 
 import optuna
-from optuna.trial import TrialState
 
 from tlsweep.errors import UserError
-from tlsweep.sweep._common import FINISHED_STATES
+from tlsweep.sweep._optuna_private import ResumableGridSampler
 from tlsweep.sweepspec import Dimension, Scalar, SweepSettings
 
 SamplerFactory = Callable[[int], optuna.samplers.BaseSampler]
@@ -39,7 +38,7 @@ def sampler_factory(settings: SweepSettings, space: tuple[Dimension, ...]) -> Sa
     elif name == "random":
         cls = optuna.samplers.RandomSampler
     elif name == "grid":
-        cls, args = _ResumableGridSampler, ({d.key: d.grid_values() for d in space},)
+        cls, args = ResumableGridSampler, ({d.key: d.grid_values() for d in space},)
     elif name == "cmaes":
         cls, defaults = optuna.samplers.CmaEsSampler, {"warn_independent_sampling": False}
     elif name == "qmc":
@@ -79,25 +78,6 @@ def nsga_population(n_trials: int) -> int:
     quarter of the trials gives a few generations. At least 6: smaller generations breed
     near-copies of their few parents (identical trials, wasted)."""
     return min(50, max(6, n_trials // 4))
-
-
-class _ResumableGridSampler(optuna.samplers.GridSampler):
-    """Optuna's grid sampler, except that a grid point whose trial FAILED (an error, Ctrl-C) is
-    still to do: resuming the sweep runs it again instead of leaving a hole in the grid (and
-    stopping the study one trial short of ``n_trials``)."""
-
-    def _get_unvisited_grid_ids(self, study: optuna.Study) -> list[int]:
-        done, running = set(), set()
-        for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
-            attrs = t.system_attrs
-            if "grid_id" not in attrs or not self._same_search_space(attrs["search_space"]):
-                continue
-            if t.state in FINISHED_STATES:
-                done.add(attrs["grid_id"])
-            elif t.state == TrialState.RUNNING:
-                running.add(attrs["grid_id"])
-        every = set(range(self._n_min_trials))
-        return sorted(every - done - running) or sorted(every - done)
 
 
 def make_pruner(settings: SweepSettings) -> optuna.pruners.BasePruner:

@@ -29,7 +29,7 @@ def status_line(study: optuna.Study) -> str:
         if number := count(study, (state,)):
             parts.append(f"{number} {word}")
     line = f"sweep {study.study_name}: {', '.join(parts)}"
-    if not study._is_multi_objective() and count(study, (TrialState.COMPLETE,)):
+    if len(study.directions) == 1 and count(study, (TrialState.COMPLETE,)):
         metric = (study.metric_names or ["value"])[0]
         best = study.best_trial
         line += f"; best {metric} {best.value:.4f} (trial {best.number})"
@@ -57,8 +57,7 @@ def show_status(study: optuna.Study, follow: bool = False, every: float = 10.0) 
     line = status_line(study)
     print(line if not follow else f"{time.strftime('%H:%M:%S')} {line}", flush=True)
     while follow and not ended(study):
-        time.sleep(every)  # polling the study: a status display, not a test
-        study = optuna.load_study(study_name=study.study_name, storage=study._storage)
+        time.sleep(every)  # polling the study (each read is fresh): a status display
         if (current := status_line(study)) != line:
             line = current
             print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)

@@ -28,14 +28,16 @@ from pathlib import Path
 from typing import IO, Any
 
 import optuna
+from optuna.storages import BaseStorage
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from tlsweep import tracking
+from tlsweep import interrupts, tracking
 from tlsweep.errors import NO_SPACE, UserError
 from tlsweep.redaction import redact_url
 from tlsweep.sweep import _samplers
 from tlsweep.sweep._common import FAIL_REASON_ATTR, RUN_ID_ATTR, WORKER_ATTR
+from tlsweep.sweep._optuna_private import storage_of, trial_id_of
 from tlsweep.sweep._patience import is_connection_error, patient
 from tlsweep.sweepspec import SweepSettings, SweepSpec
 
@@ -331,16 +333,22 @@ def sessions_opened(storage: optuna.storages.BaseStorage, study_name: str) -> in
 
 
 def load_study(study_name: str, storage: str | None = None) -> optuna.Study:
-    """An existing study, for the leaderboard, the report and reproduce: in ``storage``, else
-    in the default files, else where the sweep recorded it (`recorded_storage`); unknown
-    names list the known ones. Connect tracking first."""
+    """An existing study, for the leaderboard, the report and reproduce (`find_study`)."""
+    _, store = find_study(study_name, storage)
+    return optuna.load_study(study_name=study_name, storage=store)
+
+
+def find_study(study_name: str, storage: str | None = None) -> tuple[str, BaseStorage]:
+    """The URL and opened storage of an existing study: in ``storage``, else in the default
+    files, else where the sweep recorded it (`recorded_storage`); unknown names list the
+    known ones. Connect tracking first."""
     urls = [storage] if storage else _default_urls()
     if storage is None and (recorded := recorded_storage(study_name)) not in (None, *urls):
         urls.append(recorded)
     for url in urls:
         store = open_storage(url)
         if study_name in _names(url, store):
-            return optuna.load_study(study_name=study_name, storage=store)
+            return url, store
     known = ", ".join(study_names(storage)) or "none yet"
     where = redact_url(storage) if storage else "mlruns/"
     raise UserError(f"no sweep named '{study_name}' in {where}; known: {known}")
@@ -414,6 +422,7 @@ class StudyLock:
                     raise
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the study lock was held for {LOCK_TIMEOUT:g} s")
+            interrupts.raise_pending()  # one held back in database code stops the wait
             time.sleep(0.5)
 
     def release(self) -> None:
@@ -468,7 +477,7 @@ def fail_lost_trials(
     for trial in lost:
         # Optuna has no public setter for another process's trial; the storage call is the one
         # its own heartbeat callbacks use.
-        study._storage.set_trial_user_attr(trial._trial_id, FAIL_REASON_ATTR, reason)
+        storage_of(study).set_trial_user_attr(trial_id_of(trial), FAIL_REASON_ATTR, reason)
         study.tell(trial.number, state=TrialState.FAIL)
         retry(study, _retry_template(study.trials[trial.number]))
         _close_lost_run(trial, reason)

@@ -9,8 +9,9 @@ also ``champion``, and the front is logged as ``pareto.csv``/``.md`` and
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +70,9 @@ def summarize(
     """Leaderboard, plots, best trial and the registered champion, all on the parent run."""
     s = spec.settings
     board = leaderboard(study, parent_run_id)
-    tracking.log_leaderboard(parent_run_id, board, ", ".join(s.objective_names))
+    title = f"leaderboard ({', '.join(s.objective_names)})"
+    pages = {"html": report.to_html(board, title=title), "md": report.to_markdown(board)}
+    tracking.log_table(parent_run_id, board, "leaderboard", pages)
     figures = optuna_figures(study)
     try:
         tracking.log_figures(parent_run_id, figures)
@@ -136,7 +139,7 @@ def _summarize_front(
         aliases["champion"] = champion_run
     uris = tracking.register_aliases(s.study_name, aliases, stale_prefix="pareto-")
     table = front_table(study, front, board, uris)
-    tracking.log_table(parent_run_id, table, "pareto")
+    tracking.log_table(parent_run_id, table, "pareto", {"md": report.to_markdown(table)})
     primary = _primary_index(study)
     row = board[board["trial"] == champion.number].iloc[0].to_dict()
     costs = {
@@ -210,6 +213,8 @@ def leaderboard(study: optuna.Study, parent_run_id: str | None = None) -> pd.Dat
     """
     if _is_multi(study):
         return _multi_objective_leaderboard(study, parent_run_id)
+    # Not study.trials_dataframe(): a pruned trial is ranked by its best reported value, and
+    # a failed one keeps its reason; the frame would need both added and its columns renamed.
     rows = []
     for t in study.get_trials(deepcopy=False):
         value = t.value if t.state == TrialState.COMPLETE else _best_intermediate(t, study)
@@ -289,53 +294,72 @@ def _dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
 
 
-def optuna_figures(study: optuna.Study) -> dict[str, Any]:
-    """Optuna's matplotlib plots; those that cannot be drawn yet (too few trials) are left out.
+def optuna_figures(study: optuna.Study, kind: str = "matplotlib") -> dict[str, Any]:
+    """Optuna's plots, as matplotlib figures (logged as PNGs) or, with ``kind="plotly"``,
+    as its interactive Plotly figures (the HTML report); those that cannot be drawn yet (too
+    few trials) are left out.
 
     Several objectives: the Pareto front (2 or 3 objectives), and the others drawn for the
     training metric.
     """
-    from functools import partial
-
-    import matplotlib
-    from optuna.visualization import matplotlib as ovm
-
-    plots: dict[str, Any] = {
-        "optimization_history": ovm.plot_optimization_history,
-        "param_importances": ovm.plot_param_importances,
-        "parallel_coordinate": ovm.plot_parallel_coordinate,
-        "slice": ovm.plot_slice,
-        "intermediate_values": ovm.plot_intermediate_values,
-    }
-    if _is_multi(study):
-        names, primary = _objective_names(study), _primary_index(study)
-        target = partial(_value_of, index=primary)
-        plots = {
-            "pareto_front": partial(ovm.plot_pareto_front, target_names=names),
-            **{
-                key: partial(plot, target=target, target_name=names[primary])
-                for key, plot in plots.items()
-                if key != "intermediate_values"
-            },
-        }
+    plots = _optuna_plots(study, kind)
     figures = {}
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no completed trials yet" and such
-    # Optuna's plots switch matplotlib to its ggplot style for the whole process: keep that
-    # to these figures, not the confusion matrices and curves drawn later.
+    # Optuna's matplotlib plots switch matplotlib to its ggplot style for the whole process:
+    # keep that to these figures, not the confusion matrices and curves drawn later.
     try:
-        with warnings.catch_warnings(), matplotlib.rc_context():
+        style = _matplotlib_style_kept() if kind == "matplotlib" else contextlib.nullcontext()
+        with warnings.catch_warnings(), style:
             warnings.simplefilter("ignore")
             for name, plot in plots.items():
                 try:
-                    axes = plot(study)
+                    drawn = plot(study)
                 except (ValueError, RuntimeError, ZeroDivisionError):
                     continue
-                first = axes.flat[0] if hasattr(axes, "flat") else axes
-                figures[name] = first.figure
+                if kind == "matplotlib":
+                    drawn = (drawn.flat[0] if hasattr(drawn, "flat") else drawn).figure
+                figures[name] = drawn
     finally:
         optuna.logging.set_verbosity(verbosity)
     return figures
+
+
+def _optuna_plots(study: optuna.Study, kind: str) -> dict[str, Callable[[optuna.Study], Any]]:
+    """The plotting functions of ``kind`` (matplotlib or plotly) that suit ``study``."""
+    from functools import partial
+
+    if kind == "plotly":
+        import optuna.visualization as module
+    else:
+        from optuna.visualization import matplotlib as module
+    plots: dict[str, Any] = {
+        "optimization_history": module.plot_optimization_history,
+        "param_importances": module.plot_param_importances,
+        "parallel_coordinate": module.plot_parallel_coordinate,
+        "slice": module.plot_slice,
+        "intermediate_values": module.plot_intermediate_values,
+    }
+    if not _is_multi(study):
+        return plots
+    names, primary = _objective_names(study), _primary_index(study)
+    target = partial(_value_of, index=primary)
+    return {
+        "pareto_front": partial(module.plot_pareto_front, target_names=names),
+        **{
+            key: partial(plot, target=target, target_name=names[primary])
+            for key, plot in plots.items()
+            if key != "intermediate_values"
+        },
+    }
+
+
+@contextlib.contextmanager
+def _matplotlib_style_kept() -> Iterator[None]:
+    import matplotlib
+
+    with matplotlib.rc_context():
+        yield
 
 
 def best_run_id(study_name: str, storage: str | None = None) -> str:
