@@ -4,20 +4,22 @@ The reference grid (2x2x2 over dense units, dropout and batch size) on the bundl
 in one process:
 
   a. tlsweep with the feature cache (a fresh store and cache: the one feature pass is included)
+  g. the same with ``sweep.group_size: 8``: the trials asked together, their heads trained in
+     one step per batch size (`tlsweep.grouped`)
   b. tlsweep with the cache off (every epoch runs the frozen backbone over the images)
   c. the floor: one feature pass, then the same eight head fits in a bare Keras loop
   d. the same floor fitted the way tlsweep fits (``steps_per_execution``, validation by direct
      calls on the features, test features, one prediction of validation and test per head):
      what tlsweep would cost without its own work
 
-a, c and d run in interleaved rounds (``--rounds``, default 3) and are reported as medians:
+a, g, c and d run in interleaved rounds (``--rounds``, default 3) and are reported as medians:
 this machine's speed drifts by 20% from one minute to the next. b runs once, at the end.
-Prints wall times, the ratios b/a and a/c, the best validation accuracy of a and b (they must
-agree), and tlsweep's own cost, split in two: per trial (each trial's duration, as Optuna
-recorded it, minus the time the same trial spent building the backbone, in the feature pass,
-the fits and the predictions: the work d does too) and once per sweep (loading the data,
-opening the study and the MLflow parent run, the summary, the champion model); then the
-machine and library versions.
+Prints wall times, the ratios b/a, a/c, g/c and a/g, the best validation accuracy of a, g
+and b (they must agree), and tlsweep's own cost, split in two: per trial (each trial's
+duration, as Optuna recorded it, minus the time the same trial spent building the backbone,
+in the feature pass, the fits and the predictions: the work d does too) and once per sweep
+(loading the data, opening the study and the MLflow parent run, the summary, the champion
+model); then the machine and library versions.
 
     python -m bench.run                     # ResNet50 at 64x64, 3 epochs (the issue's setting)
     python -m bench.run --backbone mobilenet_v2 --size 96
@@ -70,19 +72,23 @@ def main() -> None:
         f"grid: {GRID}; {args.backbone} at {args.size}x{args.size}, {args.epochs} epochs, "
         f"{args.pooling} pooling, digits (1,077 train / 270 val images)\n"
     )
-    rounds: dict[str, list[tuple]] = {"a": [], "c": [], "d": []}
+    rounds: dict[str, list[tuple]] = {"a": [], "g": [], "c": [], "d": []}
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
         for number in range(1, args.rounds + 1):  # interleaved: drifts hit every way alike
             rounds["a"].append(timed_sweep(Path(tmp), f"cached{number}", base, cache=True))
+            rounds["g"].append(
+                timed_sweep(Path(tmp), f"grouped{number}", base, cache=True, group_size=8)
+            )
             rounds["c"].append(timed_floor(base))
             rounds["d"].append(timed_floor(base, like_tlsweep=True))
             times = "  ".join(f"{way} {runs[-1][0]:6.1f} s" for way, runs in rounds.items())
             print(f"round {number}: {times}", flush=True)
-        a_time, c_time, d_time = (median(run[0] for run in rounds[way]) for way in "acd")
-        a_best, c_best, d_best = (rounds[way][0][1] for way in "acd")
+        a_time, g_time, c_time, d_time = (median(run[0] for run in rounds[w]) for w in "agcd")
+        a_best, g_best, c_best, d_best = (rounds[way][0][1] for way in "agcd")
         print()
         print(f"a. tlsweep, feature cache:   {a_time:7.1f} s   best val_accuracy {a_best:.4f}")
+        print(f"g. the same, grouped (8):     {g_time:7.1f} s   best val_accuracy {g_best:.4f}")
         print(f"c. bare Keras floor:          {c_time:7.1f} s   best val_accuracy {c_best:.4f}")
         print(f"d. floor, fitted as tlsweep:  {d_time:7.1f} s   best val_accuracy {d_best:.4f}")
         repeats = {round(run[1], 9) for run in rounds["a"]}
@@ -98,6 +104,10 @@ def main() -> None:
             print(f"best val_accuracy cached {a_best:.4f} vs uncached {b_best:.4f}: {agree}")
         print(f"a/c = {a_time / c_time:.2f}   (tlsweep against the floor; target <= 1.3)")
         print(f"a/d = {a_time / d_time:.2f}   (tlsweep against the same fits, bare)")
+        print(f"g/c = {g_time / c_time:.2f}   (tlsweep grouped against the floor; target < 1)")
+        print(f"a/g = {a_time / g_time:.2f}   (what grouping saves in a whole sweep)")
+        agree = "agree" if abs(a_best - g_best) < 1e-9 else "DIFFER"
+        print(f"best val_accuracy one at a time {a_best:.4f} vs grouped {g_best:.4f}: {agree}")
         report_overheads(rounds["a"])
 
 
@@ -121,7 +131,7 @@ def report_overheads(a_runs: list[tuple]) -> None:
 
 
 def timed_sweep(
-    tmp: Path, name: str, base: dict, cache: bool
+    tmp: Path, name: str, base: dict, cache: bool, group_size: int = 1
 ) -> tuple[float, float, list[float], float]:
     """Time one whole ``tlsweep sweep`` of the grid (fresh store, fresh feature cache): seconds,
     best value, each trial's duration as Optuna recorded it, and seconds of `timed_work`."""
@@ -139,6 +149,7 @@ def timed_sweep(
             "sampler": "grid",
             "pruner": "none",
             "n_trials": 8,
+            "group_size": group_size,
             "storage": f"sqlite:///{tmp / f'{name}.db'}",
         },
     }

@@ -498,6 +498,7 @@ def test_sweep_dry_run_prints_the_plan_and_creates_nothing(
         "sampler    random, seed 7",
         "pruner     median",
         "n_trials   6",
+        "groups     off",
         "storage    postgresql://u:***@db/optuna",
         f"artifacts  {tmp_path / 'mlruns' / 'optuna-artifacts'}",
         "enqueued (2):",
@@ -521,9 +522,21 @@ def test_dry_run_gives_the_grid_size_and_the_default_storage(
     assert main([*argv, "optimizer.learning_rate=choice(0.001)"]) == 0
     lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
     assert "grid size: 12" in lines  # 2 x 2 x 1 x 3
+    assert "promote" not in " ".join(lines)
     journal = tmp_path / "mlruns" / "optuna.journal"  # where several workers' study goes
     assert f"storage    journal://{journal} (default)" in lines
     assert files_under(tmp_path) == before
+
+
+def test_dry_run_shows_groups_and_promotion(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    promote = {"top_k": 2, "overrides": ["train.fine_tune.epochs=1"]}
+    path = plan_file(tmp_path, {"n_trials": 6, "group_size": 3, "promote": promote})
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert "groups     up to 3 trials at a time" in lines
+    assert "promote    the best 2, continued with train.fine_tune.epochs=1" in lines
 
 
 def test_dry_run_of_a_bad_sweep_is_one_line(tmp_path: Path) -> None:

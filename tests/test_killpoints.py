@@ -110,3 +110,51 @@ def test_a_sweep_killed_in_any_window_resumes_exactly(
         tracking_uri=os.environ["MLFLOW_TRACKING_URI"]
     ).search_model_versions("name = 'killed'")
     assert len({v.run_id for v in versions}) == len(versions)  # no run registered twice
+
+
+@pytest.mark.parametrize("stage", ["grouped", "promoted"])
+def test_a_grouped_or_promoting_sweep_killed_mid_stage_resumes_exactly(
+    tmp_path: Path, write_sweep: Callable[..., Path], stage: str
+) -> None:
+    """SIGKILL inside a group (its second trial's run just created, the first one's open), or
+    as the promoted stage starts (its trial's run just created): the same command finishes
+    the sweep, every trial of the killed group or stage queued again and run once."""
+    settings: dict = {
+        "study_name": "killed",
+        "sampler": "grid",
+        "pruner": "none",
+        "n_trials": N_TRIALS,
+        "group_size": 2,
+    }
+    if stage == "promoted":
+        settings["promote"] = {"top_k": 1, "overrides": ["train.epochs=1"]}
+    path = write_sweep(tmp_path, {"head.dropout": "choice(0.0, 0.3)"}, settings)
+    call = "2" if stage == "grouped" else str(N_TRIALS + 1)
+    killed = _sweep(path, tmp_path, TLSWEEP_KILL_AT="run", TLSWEEP_KILL_AT_CALL=call)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
+
+    resumed = _sweep(path, tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "champion model: models:/killed@champion" in resumed.stdout
+
+    study = _study(tmp_path, journal=False)
+    trials = study.trials
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    search = [t for t in complete if "tlsweep.continues" not in t.user_attrs]
+    final = [t for t in complete if "tlsweep.continues" in t.user_attrs]
+    assert sorted(t.params["head.dropout"] for t in search) == [0.0, 0.3]
+    if stage == "promoted":
+        best = max(search, key=lambda t: (t.value, -t.number))
+        assert [t.user_attrs["tlsweep.continues"] for t in final] == [best.number]
+        assert study.user_attrs["tlsweep.promoted"] == [best.number]
+    else:
+        assert final == []
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    runs = client.search_runs([client.get_run(parent_id).info.experiment_id])
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    for trial in complete:
+        run = client.get_run(trial.user_attrs[RUN_ID_ATTR])
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["tlsweep.trial_number"] == str(trial.number)

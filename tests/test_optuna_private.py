@@ -82,3 +82,29 @@ def test_the_grid_sampler_hook_decides_which_points_are_left() -> None:
     complete = [t.params["x"] for t in study.trials if t.state == TrialState.COMPLETE]
     assert sorted(complete) == [0, 1, 2]  # the failed point ran again: the grid is whole
     assert seen.count(seen[0]) == 2
+
+
+def test_telling_the_last_grid_point_outside_optimize_does_not_stop_the_study() -> None:
+    """Optuna's grid calls ``study.stop()`` when its last point is told: outside ``optimize``
+    (a group's trials, a dead worker's trial failed by another process) that raised, and an
+    enqueued trial without a grid point raised too."""
+    grid = {"x": [0, 1]}
+    study = optuna.create_study(sampler=private.ResumableGridSampler(grid, seed=0))
+    asked = [study.ask() for _ in range(2)]
+    for trial in asked:
+        trial.suggest_categorical("x", grid["x"])
+    study.tell(asked[0], 1.0)
+    study.tell(asked[1], state=TrialState.FAIL)  # the last point: Optuna's grid would stop
+    study.enqueue_trial({"x": 0})
+    extra = study.ask()
+    extra.suggest_categorical("x", grid["x"])
+    study.tell(extra, 0.5)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    with pytest.raises(RuntimeError, match="supposed to be invoked inside"):
+        plain = optuna.create_study(sampler=optuna.samplers.GridSampler(grid, seed=0))
+        plain_trials = [plain.ask() for _ in range(2)]
+        for trial in plain_trials:
+            trial.suggest_categorical("x", grid["x"])
+        plain.tell(plain_trials[0], 1.0)
+        plain.tell(plain_trials[1], 1.0)

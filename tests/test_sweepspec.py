@@ -23,7 +23,7 @@ from tlsweep.sweepspec import (
     to_override,
 )
 
-SHIPPED = ("quickstart", "head_grid", "backbones", "finetune", "pareto")
+SHIPPED = ("quickstart", "head_grid", "backbones", "finetune", "pareto", "promote")
 
 
 def sweep_file(folder: Path, document: dict, name: str = "spec") -> Path:
@@ -466,6 +466,7 @@ def test_head_grid_is_the_reference_grid() -> None:
     }
     assert spec.settings.sampler == "grid"
     assert spec.settings.n_trials == 8 == 2 * 2 * 2
+    assert spec.settings.group_size == 8
     cfg = load_config(spec.base)
     assert cfg.backbone.name == "resnet50"
     assert cfg.backbone.weights == "imagenet"
@@ -483,6 +484,18 @@ def test_quickstart_is_offline_and_pruned() -> None:
     assert cfg.backbone.weights is None
     assert spec.settings.n_trials >= 8
     assert spec.settings.pruner != "none"
+
+
+def test_promote_is_offline_grouped_and_fine_tunes_its_best() -> None:
+    spec = load_sweep("promote")
+    s = spec.settings
+    cfg = load_config(spec.base)
+    assert (cfg.data.source, cfg.backbone.weights) == ("digits", None)
+    assert cfg.train.fine_tune.epochs == 0
+    assert s.group_size > 1 and s.promote is not None
+    promoted = load_config([*spec.base, *s.promote.overrides])
+    assert promoted.train.fine_tune.epochs > 0
+    assert 1 <= s.promote.top_k < s.n_trials
 
 
 def test_pareto_is_offline_and_multi_objective() -> None:

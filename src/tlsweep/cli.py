@@ -428,15 +428,21 @@ def _settings_lines(spec: SweepSpec, workers: int) -> list[str]:
     s = spec.settings
     objective = ", ".join(f"{name} ({direction})" for name, direction in s.objective_pairs)
     url = s.storage or _default_storage(workers)
-    return [
+    grouping = f"up to {s.group_size} trials at a time" if s.group_size > 1 else "off"
+    lines = [
         "settings:",
         f"  objective  {objective}",
         f"  sampler    {s.sampler}{_options(s.sampler_options)}, seed {s.seed}",
         f"  pruner     {s.pruner}{_options(s.pruner_options)}",
         f"  n_trials   {s.n_trials}" + (f", timeout {s.timeout:g} s" if s.timeout else ""),
+        f"  groups     {grouping}",
         f"  storage    {redact_url(url)}" + ("" if s.storage else " (default)"),
         f"  artifacts  {artifacts_dir(s, url)}",
     ]
+    if s.promote is not None:
+        then = " ".join(s.promote.overrides) or "(no overrides)"
+        lines.append(f"  promote    the best {s.promote.top_k}, continued with {then}")
+    return lines
 
 
 def _default_storage(workers: int) -> str:

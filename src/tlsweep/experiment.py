@@ -8,6 +8,7 @@ trial instead opens its child run first and calls ``prepare`` and ``execute`` in
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from tlsweep.backend import clear_state, configure_devices, seed_everything
 from tlsweep.config import Config, to_config
 from tlsweep.data import ImageData, load_run_data
 from tlsweep.features import Features, cached_features
+from tlsweep.grouped import Outcome, train_group
 from tlsweep.model import build_classifier, build_trunk, head_of, parameter_counts
 from tlsweep.train import (
     EpochCallback,
@@ -53,7 +55,10 @@ class RunResult:
 
 
 def prepare(
-    cfg: Config, load: DataLoader = load_run_data, backbones: BackboneCache | None = None
+    cfg: Config,
+    load: DataLoader = load_run_data,
+    backbones: BackboneCache | None = None,
+    fresh: bool = True,
 ) -> Prepared:
     """Fresh Keras state, seeds, devices, data and the model: the same sequence every time, so
     that a run repeats exactly, whether its backbone is built anew or reused from ``backbones``
@@ -61,9 +66,11 @@ def prepare(
 
     Garbage is collected only when a backbone is about to be built: a trial that reuses one
     leaves little behind (a head, an optimizer), and a full collection among TensorFlow's
-    objects costs about half a second."""
+    objects costs about half a second. ``fresh=False`` keeps the Keras state (the other
+    members of a group of heads, built after the first: `prepare_group`)."""
     reusing = backbones is not None and backbones.holds(cfg.backbone, cfg.seed)
-    clear_state(free_memory=not reusing)
+    if fresh:
+        clear_state(free_memory=not reusing)
     seed_everything(cfg.seed, cfg.train.deterministic)
     device = configure_devices(cfg.train.mixed_precision)
     data = load(cfg)
@@ -86,9 +93,11 @@ def execute(
     prepared: Prepared,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     log_model: ModelPolicy = None,
+    head_epochs: int | None = None,
 ) -> TrainResult:
     """Train a prepared model inside the run ``run_id`` and record everything, the machine's
-    use too (``tracking.system_metrics``).
+    use too (``tracking.system_metrics``). ``head_epochs``: the model's head was trained
+    that many epochs already (see `tlsweep.train.train`).
 
     ``log_model``: None follows ``tracking.log_model``; a callable decides from the result.
     When the backbone stayed frozen, a sweep's best-so-far trial stores only its head's weights:
@@ -96,17 +105,79 @@ def execute(
     """
     with tracking.monitor_system(run_id, enabled=cfg.tracking.system_metrics):
         data, model = prepared.data, prepared.model
+        head_stage = head_epochs is None or not cfg.train.fine_tune.epochs
         features = (  # an augmenting run trains end to end: feature_cache=off
             cached_features(cfg, model, data, weights_sha256=prepared.backbone_digest)
-            if uses_feature_cache(cfg)
+            if uses_feature_cache(cfg) and head_stage
             else None
         )
         _log_inputs(run_id, cfg, prepared, features)
         logger = EpochCallback(tracking.epoch_logger(run_id))
-        result = train(cfg, data, model, [logger, *callbacks], features)
+        result = train(cfg, data, model, [logger, *callbacks], features, head_epochs)
         tracking.log_result(run_id, result, data.class_names)
         _log_model(run_id, result, data.class_names, _stored_model(cfg, result, log_model))
     return result
+
+
+def prepare_group(
+    cfgs: Sequence[Config], load: DataLoader = load_run_data, backbones: BackboneCache | None = None
+) -> list[Prepared]:
+    """`prepare` for each config of a group of heads (`tlsweep.grouped`): the Keras state is
+    cleared once, then each model is built after seeding, exactly as a lone trial builds its
+    own, on the trunk they share (``backbones``)."""
+    backbones = backbones or BackboneCache()
+    return [prepare(cfg, load, backbones, fresh=index == 0) for index, cfg in enumerate(cfgs)]
+
+
+def execute_group(
+    run_ids: Sequence[str],
+    cfgs: Sequence[Config],
+    prepared: Sequence[Prepared],
+    callbacks: Sequence[Sequence[keras.callbacks.Callback]],
+    log_model: Sequence[ModelPolicy],
+) -> list[Outcome]:
+    """`execute` for a group of head-only runs on the same cached features (`group_key`):
+    the heads train as one model (`train_group`), each recorded in its own run as `execute`
+    records a lone one. One outcome per run: its `TrainResult`, or the exception that failed
+    it alone (a NaN loss, an error in one of its callbacks or while logging it); an interrupt
+    or an outage stops the whole group and is raised."""
+    first, data = cfgs[0], prepared[0].data
+    with contextlib.ExitStack() as monitors:
+        for run_id, cfg in zip(run_ids, cfgs, strict=True):
+            monitors.enter_context(
+                tracking.monitor_system(run_id, enabled=cfg.tracking.system_metrics)
+            )
+        features = cached_features(
+            first, prepared[0].model, data, weights_sha256=prepared[0].backbone_digest
+        )
+        for run_id, cfg, one in zip(run_ids, cfgs, prepared, strict=True):
+            _log_inputs(run_id, cfg, one, features)
+        own = [
+            [EpochCallback(tracking.epoch_logger(run_id)), *extra]
+            for run_id, extra in zip(run_ids, callbacks, strict=True)
+        ]
+        outcomes = train_group(cfgs, data, [p.model for p in prepared], features, own)
+        return [
+            _record_outcome(run_id, cfg, outcome, data.class_names, policy)
+            for run_id, cfg, outcome, policy in zip(run_ids, cfgs, outcomes, log_model, strict=True)
+        ]
+
+
+def _record_outcome(
+    run_id: str, cfg: Config, outcome: Outcome, class_names: Sequence[str], policy: ModelPolicy
+) -> Outcome:
+    """Log one head's result as `execute` logs a lone run's; a failure to log it is that
+    head's outcome (an outage is everyone's: raised)."""
+    if isinstance(outcome, Exception):
+        return outcome
+    try:
+        tracking.log_result(run_id, outcome, class_names)
+        _log_model(run_id, outcome, class_names, _stored_model(cfg, outcome, policy))
+    except Exception as exc:
+        if tracking.is_unreachable(exc):
+            raise
+        return exc
+    return outcome
 
 
 def _log_inputs(run_id: str, cfg: Config, prepared: Prepared, features: Features | None) -> None:
@@ -181,11 +252,33 @@ def run(
     *,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     tags: Mapping[str, str] | None = None,
+    head: tuple[str, int] | None = None,
 ) -> RunResult:
-    """Train ``cfg`` as one MLflow run; returns the run id and final metrics."""
+    """Train ``cfg`` as one MLflow run; returns the run id and final metrics. ``head``: a file
+    of trained head weights to start from and the epochs they were trained for (a promoted
+    sweep trial, reproduced: see `train_head`)."""
     prepared = prepare(cfg)
+    if head is not None:
+        head_of(prepared.model).load_weights(head[0])
     tracking.connect(cfg.tracking)
     name = cfg.tracking.run_name or tracking.default_run_name(cfg)
     with tracking.start_run(cfg.tracking.experiment, name, tags=tags) as run_id:
-        result = execute(run_id, cfg, prepared, callbacks)
+        result = execute(
+            run_id, cfg, prepared, callbacks, head_epochs=None if head is None else head[1]
+        )
     return RunResult(run_id=run_id, metrics=result.metrics, train_result=result)
+
+
+def train_head(cfg: Config, path: str) -> int:
+    """Train ``cfg`` untracked, as its run trained, and save the head's trained weights (best
+    epoch) to ``path`` (``.weights.h5``): what a promoted trial started from. Returns the
+    epochs it trained."""
+    prepared = prepare(cfg)
+    features = (
+        cached_features(cfg, prepared.model, prepared.data, weights_sha256=prepared.backbone_digest)
+        if uses_feature_cache(cfg)
+        else None
+    )
+    result = train(cfg, prepared.data, prepared.model, [], features)
+    head_of(result.model).save_weights(path)
+    return len(result.history)

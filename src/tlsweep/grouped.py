@@ -94,6 +94,12 @@ def group_key(cfg: Config) -> tuple[tuple[str, Hashable], ...]:
     )
 
 
+def groupable(cfg: Config) -> bool:
+    """Whether ``cfg``'s head can train in a group: a head-only run on cached features (no
+    augmentation, no fine-tuning stage)."""
+    return uses_feature_cache(cfg) and not cfg.train.fine_tune.epochs
+
+
 def check_group(cfgs: Sequence[Config]) -> None:
     """Refuse an empty group, a config the feature cache cannot serve, and configs whose
     `group_key` differ (a one-line error naming the first differing field)."""

@@ -55,6 +55,7 @@ class SweepProgress:
         self.best: float | None = None
         self.study_name = ""
         self._status: Any = None
+        self._running = 0  # trials started and not finished (a group trains several)
         self._quiet = verbosity() < 0
         self._last_epoch_line = 0.0
 
@@ -66,6 +67,7 @@ class SweepProgress:
 
     def trial_started(self, number: int, params: Mapping[str, Any]) -> None:
         self._last_epoch_line = time.monotonic()
+        self._running += 1
         if self._quiet:
             return
         shown = ", ".join(f"{k}={_short(v)}" for k, v in params.items())
@@ -73,7 +75,7 @@ class SweepProgress:
             f"{_stamp(self.console)}{self.prefix}trial {self._k()}/{self.n_trials} (#{number}) "
             f"{shown}"
         )
-        if self.console.is_terminal:
+        if self.console.is_terminal and self._status is None:  # one live line at a time
             self._status = self.console.status(f"trial {self._k()}/{self.n_trials} starting")
             self._status.start()
 
@@ -103,6 +105,7 @@ class SweepProgress:
         seconds: float,
         reason: str | None = None,
     ) -> None:
+        self._running = max(self._running - 1, 0)
         if self._status is not None:
             self._status.stop()
             self._status = None
@@ -141,7 +144,7 @@ class SweepProgress:
         )
 
     def _k(self) -> int:
-        return min(self.done + 1, self.n_trials)
+        return min(self.done + max(self._running, 1), self.n_trials)
 
     def _better(self, a: float, b: float) -> float:
         return max(a, b) if self.maximize else min(a, b)

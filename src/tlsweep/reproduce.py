@@ -3,15 +3,18 @@ what the run logged; differences in data or package versions are reported as war
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from tlsweep import tracking
 from tlsweep.config import Config, to_config
-from tlsweep.experiment import run
+from tlsweep.experiment import run, train_head
 
+CONTINUES_RUN_TAG = "tlsweep.continues_run"  # a promoted sweep trial: the run it continued
 COMPARED = ("best_val_accuracy", "best_val_loss", "test_accuracy", "test_loss", "best_epoch")
 
 
@@ -40,11 +43,20 @@ def config_of(record: dict) -> Config:
 
 
 def reproduce(run_id: str, tolerance: float = 0.0) -> Reproduction:
-    """Retrain ``run_id``'s config as a new run tagged with the run it reproduces."""
+    """Retrain ``run_id``'s config as a new run tagged with the run it reproduces. A promoted
+    sweep trial (tag ``tlsweep.continues_run``) started from the head another trial trained:
+    that trial is retrained first (untracked), and the reproduction starts from its head."""
     tracking.connect()
     original = tracking.run_record(run_id)
     cfg = config_of(original)
-    result = run(cfg, tags={"tlsweep.reproduces": run_id})
+    tags = {"tlsweep.reproduces": run_id}
+    continued = original["tags"].get(CONTINUES_RUN_TAG)
+    with tempfile.TemporaryDirectory() as tmp:
+        head = None
+        if continued:
+            path = str(Path(tmp) / "head.weights.h5")
+            head = (path, train_head(config_of(tracking.run_record(continued)), path))
+        result = run(cfg, tags=tags, head=head)
     again = tracking.run_record(result.run_id)
     return Reproduction(
         original_run_id=run_id,

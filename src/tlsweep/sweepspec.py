@@ -60,6 +60,16 @@ Scalar = str | int | float | bool | None
 
 
 @dataclass
+class PromoteSettings:
+    """``sweep.promote``: once the search's ``n_trials`` have finished, continue its best
+    ``top_k`` trials with ``overrides`` (Hydra overrides: a fine-tuning stage, augmentation,
+    more epochs), each from its trained head, as trials of the same study."""
+
+    top_k: int = 2
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
 class SweepSettings:
     study_name: str = "sweep"
     metric: str = "val_accuracy"
@@ -82,6 +92,10 @@ class SweepSettings:
     storage_patience: float = 300  # seconds to wait out an unreachable database mid-sweep
     latency_warmup: int = 5  # untimed calls before timing latency_ms
     latency_repeats: int = 30  # timed calls at batch 1; latency_ms is their median
+    # Head-only trials on cached features asked and trained together, their heads in one
+    # compiled step (tlsweep.grouped), at most this many at a time; 1: one trial at a time.
+    group_size: int = 1
+    promote: PromoteSettings | None = None  # a second stage for the best trials (null: none)
 
     def __post_init__(self) -> None:
         if self.objectives:
@@ -295,6 +309,13 @@ def validate_sweep(spec: SweepSpec) -> None:
             f"sweep.latency_warmup={s.latency_warmup} and sweep.latency_repeats="
             f"{s.latency_repeats} are not allowed: warm-up >= 0 calls, repeats >= 1"
         )
+    if s.group_size < 1:
+        raise UserError(
+            f"sweep.group_size={s.group_size} is not allowed: trials trained together, >= 1 "
+            "(1: one at a time)"
+        )
+    if s.promote is not None:
+        _check_promote(spec)
     if s.sampler == "grid":
         for dim in spec.space:
             dim.grid_values()
@@ -591,6 +612,45 @@ def _settings(values: Mapping[str, Any]) -> SweepSettings:
         raise UserError(f"bad sweep setting {('sweep.' + key) if key else ''}: {first}") from None
     assert isinstance(settings, SweepSettings)
     return settings
+
+
+def _check_promote(spec: SweepSpec) -> None:
+    """A second stage needs one objective to rank by, a first stage that trains heads only
+    (their weights are what it continues from), and overrides that make a valid config."""
+    s, promote = spec.settings, spec.settings.promote
+    assert promote is not None
+    if not 1 <= promote.top_k <= s.n_trials:
+        raise UserError(
+            f"sweep.promote.top_k={promote.top_k} is not allowed: between 1 and "
+            f"sweep.n_trials={s.n_trials}"
+        )
+    if s.multi_objective:
+        raise UserError(
+            "sweep.promote ranks trials by one objective: it cannot be used with several "
+            "sweep.objectives"
+        )
+    if spec.searches("train.fine_tune"):
+        raise UserError(
+            "sweep.promote continues head-only trials: train.fine_tune cannot be searched; "
+            "put the fine-tuning stage in sweep.promote.overrides"
+        )
+    for text in promote.overrides:
+        if _parse_override(text).is_sweep_override():
+            raise UserError(f"sweep.promote.overrides: '{text}' is a search; give fixed values")
+    from tlsweep.config import load_config
+
+    if load_config(spec.base).train.fine_tune.epochs:
+        raise UserError(
+            "sweep.promote continues head-only trials: set train.fine_tune.epochs=0 in base "
+            "and the fine-tuning stage in sweep.promote.overrides"
+        )
+    load_config([*spec.base, *promote.overrides])  # bad overrides: a one-line error
+
+
+def promoted_overrides(spec: SweepSpec) -> list[str]:
+    """The overrides a promoted trial adds to its first-stage values."""
+    promote = spec.settings.promote
+    return list(promote.overrides) if promote is not None else []
 
 
 def _check_keys(spec: SweepSpec) -> None:

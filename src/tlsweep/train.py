@@ -97,18 +97,24 @@ def train(
     model: keras.Model,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     features: Features | None = None,
+    head_epochs: int | None = None,
 ) -> TrainResult:
     """Fit the head (then fine-tune if configured), restore the best epoch, evaluate.
 
     With ``features`` (the frozen part's cached outputs) the head stage trains the head alone
     on them; the classifier shares the head's weights, so it is trained all the same. An
     augmenting config (see `uses_feature_cache`) must not be given features.
+
+    ``head_epochs``: the model's head holds weights trained for that many epochs already (a
+    promoted sweep trial continues another trial's head): a configured fine-tuning stage starts
+    from them at once, without the head stage; without one, the head stage trains on from
+    them. Either way the epochs are numbered on from there.
     """
     if features is not None and cfg.augment.enabled:
         raise ValueError("augmenting runs train end to end: cached features cannot serve them")
     keeper = KeepBestWeights(cfg.train.early_stopping.monitor, model)
     shared = [Interruptible(), LearningRateLogger(), FailOnNaN(), keeper, *callbacks]
-    history = fit_stages(model, cfg, data, shared, features)
+    history = fit_stages(model, cfg, data, shared, features, head_epochs)
     keeper.restore()
     backbone_changed = "fine_tune" in set(history["stage"])
     splits = {name: getattr(data, name) for name in ("val", "test")}
@@ -161,13 +167,18 @@ def fit_stages(
     data: ImageData,
     callbacks: Sequence[keras.callbacks.Callback],
     features: Features | None = None,
+    head_epochs: int | None = None,
 ) -> pd.DataFrame:
     """Head stage, then the optional fine-tuning stage; one history across both.
 
     A callback with a true ``stop_run`` attribute (e.g. a pruner) also skips the second stage.
     Without features, both stages fit `training_model` (the classifier, augmented if configured).
+    ``head_epochs``: the head was trained that long already (see `train`).
     """
     tc = cfg.train
+    if head_epochs is not None and tc.fine_tune.epochs:
+        return fine_tune_stage(model, cfg, data, callbacks, done=head_epochs)
+    start = head_epochs or 0
 
     def image_batches() -> tuple[ImageBatches, ImageBatches]:  # a stage on images
         train = ImageBatches(data.train, tc.batch_size, shuffle=True, seed=cfg.seed)
@@ -192,30 +203,49 @@ def fit_stages(
         head = trained.fit(
             head_train,
             validation_data=head_val,
-            epochs=tc.epochs,
+            initial_epoch=start,
+            epochs=start + tc.epochs,
             verbose=0,
             shuffle=False,
             callbacks=[Reshuffle(head_train), *head_callbacks, early_stopping(tc)],
         )
     frames = [_history_frame(head, stage="head")]
-    done = len(head.epoch) and head.epoch[-1] + 1
+    done = head.epoch[-1] + 1 if head.epoch else start
     halted = any(getattr(callback, "stop_run", False) for callback in callbacks)
     if tc.fine_tune.epochs and not halted:
-        unfreeze_top(model, tc.fine_tune.unfreeze_layers)
-        compile_classifier(full, make_optimizer(cfg.optimizer, tc.fine_tune.learning_rate))
-        train_ds, val_ds = image_batches()
-        with reading(train_ds, val_ds):
-            tuned = full.fit(
-                train_ds,
-                validation_data=val_ds,
-                initial_epoch=done,
-                verbose=0,
-                shuffle=False,
-                epochs=done + tc.fine_tune.epochs,
-                callbacks=[Reshuffle(train_ds), *callbacks, early_stopping(tc)],
-            )
-        frames.append(_history_frame(tuned, stage="fine_tune"))
+        frames.append(fine_tune_stage(model, cfg, data, callbacks, done, full))
     return pd.concat(frames, ignore_index=True)
+
+
+def fine_tune_stage(
+    model: keras.Model,
+    cfg: Config,
+    data: ImageData,
+    callbacks: Sequence[keras.callbacks.Callback],
+    done: int,
+    full: keras.Model | None = None,
+) -> pd.DataFrame:
+    """The fine-tuning stage: the top ``unfreeze_layers`` of the backbone unfrozen, the model
+    recompiled at the stage's learning rate, its epochs numbered on from ``done``. ``full``:
+    what the head stage fitted end to end (the classifier, or its augmenting wrapper), if it
+    did."""
+    tc = cfg.train
+    full = full or training_model(model, cfg.augment, cfg.seed)
+    unfreeze_top(model, tc.fine_tune.unfreeze_layers)
+    compile_classifier(full, make_optimizer(cfg.optimizer, tc.fine_tune.learning_rate))
+    train_ds = ImageBatches(data.train, tc.batch_size, shuffle=True, seed=cfg.seed)
+    val_ds = ImageBatches(data.val, tc.batch_size)
+    with reading(train_ds, val_ds):
+        tuned = full.fit(
+            train_ds,
+            validation_data=val_ds,
+            initial_epoch=done,
+            verbose=0,
+            shuffle=False,
+            epochs=done + tc.fine_tune.epochs,
+            callbacks=[Reshuffle(train_ds), *callbacks, early_stopping(tc)],
+        )
+    return _history_frame(tuned, stage="fine_tune")
 
 
 def evaluate(

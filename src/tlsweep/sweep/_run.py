@@ -23,7 +23,7 @@ from tlsweep.backbones import BackboneCache
 from tlsweep.config import ComposedBase, Config
 from tlsweep.experiment import prepare
 from tlsweep.progress import SweepProgress
-from tlsweep.sweep import _artifacts, _samplers
+from tlsweep.sweep import _artifacts, _group, _promote, _samplers
 from tlsweep.sweep._common import (
     ENDED_STATES,
     FINISHED_STATES,
@@ -94,6 +94,7 @@ def summarize_if_complete(
     exactly one of many workers does it."""
     study = session.study
     with session.lock.held():
+        _promote.promote_if_due(study, session.spec.settings)
         done = finished(session)
         complete = shortfall(session, "done") is None
         if not complete or count(study, (TrialState.RUNNING, TrialState.WAITING)):
@@ -174,6 +175,8 @@ def work(session: Session, progress: SweepProgress, worker: str | None = None) -
     recording itself, are failed and queued again first (`fail_dead_trials`). Returns why it
     stopped: ``done``, ``timeout`` or ``failures``. A tracking server unreachable past
     MLflow's retries, or a full disk, raises `OutageError` once the trial is queued again.
+    With ``sweep.group_size`` > 1 it asks up to that many trials at a time and trains their
+    heads together (`_group`).
     """
     s, study = session.spec.settings, session.study
     objective = Objective(
@@ -186,6 +189,7 @@ def work(session: Session, progress: SweepProgress, worker: str | None = None) -
     )
     objective.worker = worker or worker_id()
     objective.artifacts = session.artifacts
+    size = _group.group_size(objective, session.configs.load())
     deadline = None if s.timeout is None else time.monotonic() + s.timeout
     max_failures, failures = max(3, s.n_trials), 0
     patience = 2 * (s.grace_period or 4 * s.heartbeat_interval)  # bound on waiting for others
@@ -198,6 +202,7 @@ def work(session: Session, progress: SweepProgress, worker: str | None = None) -
         session.lock.acquire()
         try:
             fail_dead_trials(study, s.max_retry)  # under the lock: see its docstring
+            _promote.promote_if_due(study, s)  # the search complete: queue its best for more
             if not _needs_trial(study, s.n_trials):
                 if not _others_may_fail(session) or waited > patience:
                     return "done"
@@ -207,10 +212,15 @@ def work(session: Session, progress: SweepProgress, worker: str | None = None) -
                 continue
             waited = 0.0
             ended, failed = count(study, ENDED_STATES), count(study, (TrialState.FAIL,))
-            objective.on_start = session.lock.release  # once the trial is RUNNING
-            # No gc_after_trial: a full collection costs ~0.5 s among TensorFlow's objects;
-            # experiment.prepare collects before building a backbone, when it matters.
-            study.optimize(objective, n_trials=1, catch=(Exception,))
+            if size > 1:  # several trials at once, their heads in one step (`_group`)
+                asked = _group.ask(study, objective, _group.trials_to_ask(study, s.n_trials, size))
+                session.lock.release()
+                _group.run_group(study, objective, asked)
+            else:
+                objective.on_start = session.lock.release  # once the trial is RUNNING
+                # No gc_after_trial: a full collection costs ~0.5 s among TensorFlow's objects;
+                # experiment.prepare collects before building a backbone, when it matters.
+                study.optimize(objective, n_trials=1, catch=(Exception,))
         finally:
             session.lock.release()
         if objective.outage is not None:  # a server gone past its retries, a full disk
@@ -247,7 +257,12 @@ def shortfall(session: Session, stopped: str) -> str | None:
     if done >= s.n_trials or (
         isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study)
     ):
-        return None
+        if s.promote is None or _promotion_done(study):
+            return None
+        return (
+            f"sweep {s.study_name} ended before its promoted trials finished ({done} trials "
+            "finished); run the same command again to continue"
+        )
     if stopped == "timeout":
         why = f"stopped at sweep.timeout={s.timeout} s"
     elif stopped == "failures":
@@ -299,7 +314,19 @@ def _others_may_fail(session: Session) -> bool:
     )
 
 
+def _promotion_done(study: optuna.Study) -> bool:
+    """The promotion has happened and none of its trials is still queued or running."""
+    if _promote.promoted(study) is None:
+        return False
+    return not any(
+        _promote.continues(t) is not None and t.state in (TrialState.WAITING, TrialState.RUNNING)
+        for t in study.get_trials(deepcopy=False)
+    )
+
+
 def _needs_trial(study: optuna.Study, n_trials: int) -> bool:
+    if _promote.promoted(study) is not None:  # the search is over: its promoted trials are left
+        return _promote.waiting_for_promotion(study)
     sampler = study.sampler
     if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
         return False

@@ -33,8 +33,10 @@ def sampler_factory(settings: SweepSettings, space: tuple[Dimension, ...]) -> Sa
     args: tuple = ()
     defaults: dict[str, object] = {}
     cls: Callable[..., optuna.samplers.BaseSampler]
-    if name == "tpe":
+    if name == "tpe":  # trials asked together (a group) must not be told the same values
         cls, defaults = optuna.samplers.TPESampler, {"n_startup_trials": min(5, settings.n_trials)}
+        if settings.group_size > 1:
+            defaults["constant_liar"] = True
     elif name == "random":
         cls = optuna.samplers.RandomSampler
     elif name == "grid":

@@ -26,10 +26,17 @@ from tlsweep.errors import UserError
 from tlsweep.experiment import materialize_model
 from tlsweep.redaction import redact, redact_url
 from tlsweep.report import STATE_ORDER
+from tlsweep.sweep import _promote
 from tlsweep.sweep._common import FAIL_REASON_ATTR, PARENT_RUN_ATTR, RUN_ID_ATTR, count
 from tlsweep.sweep._objective import monitor_override, trial_configs
 from tlsweep.sweep._storage import load_study
-from tlsweep.sweepspec import EPOCH_METRICS, Dimension, SweepSpec, param_overrides
+from tlsweep.sweepspec import (
+    EPOCH_METRICS,
+    Dimension,
+    SweepSpec,
+    param_overrides,
+    promoted_overrides,
+)
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,8 @@ def trial_config(
 ) -> Config:
     """The config ``trial`` trained, composed here from the sweep in hand (as its trial did)
     rather than read back from the tracking store. ``configs``: the sweep's base, composed."""
-    overrides = [*param_overrides(trial.params), monitor_override(spec.settings.metric)]
+    promoted = promoted_overrides(spec) if _promote.continues(trial) is not None else []
+    overrides = [*param_overrides(trial.params), *promoted, monitor_override(spec.settings.metric)]
     return (configs or trial_configs(spec)).load(overrides)
 
 
@@ -216,23 +224,33 @@ def leaderboard(study: optuna.Study, parent_run_id: str | None = None) -> pd.Dat
     # Not study.trials_dataframe(): a pruned trial is ranked by its best reported value, and
     # a failed one keeps its reason; the frame would need both added and its columns renamed.
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    staged = _promote.promoted(study) is not None
+    for t in trials:
         value = t.value if t.state == TrialState.COMPLETE else _best_intermediate(t, study)
+        stages = {"stage": _promote.stage(t), "continues": _promote.continues(t)} if staged else {}
         rows.append(
             {
                 "trial": t.number,
                 "state": t.state.name,
                 "value": value,
+                **stages,
                 **t.params,
                 "duration_s": t.duration.total_seconds() if t.duration else None,
                 "run_id": t.user_attrs.get(RUN_ID_ATTR),
                 "reason": _reason(t),
             }
         )
-    trials = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
     runs = tracking.child_runs_frame(parent_run_id) if parent_run_id else None
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    return report.leaderboard(trials, runs, maximize=maximize)
+    board = report.leaderboard(frame, runs, maximize=maximize)
+    if staged and not board.empty:  # the final stage first: the champion is its best
+        board["continues"] = board["continues"].astype("Int64")
+        final_first = board["stage"].ne(_promote.PROMOTED)
+        board = board.sort_values("stage", key=lambda _: final_first, kind="stable")
+        board = board.reset_index(drop=True)
+    return board
 
 
 def _multi_objective_leaderboard(
@@ -384,6 +402,8 @@ def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
         if not front:
             return None
         return min(front, key=lambda t: (_signed(study, t)[primary], _signed(study, t), t.number))
+    if _promote.promoted(study) is not None and (final := _promote.final_best(study)):
+        return final  # a promoting sweep: the best of its final stage
     try:
         return study.best_trial
     except ValueError:
