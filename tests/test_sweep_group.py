@@ -192,6 +192,44 @@ def test_an_interrupted_group_fails_every_trial_and_the_sweep_resumes(
     assert not [r for r in runs if r.info.status == "RUNNING"]
 
 
+def test_a_full_disk_in_a_group_fails_and_queues_every_trial_without_training_them(
+    tmp_path: Path, write_sweep, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One trial of the group meets a full disk as its run opens: the others are neither
+    opened nor trained (each would meet it too); all four are queued again, no run is left
+    RUNNING, and the same command finishes the sweep once there is space."""
+    import errno
+
+    from tlsweep.errors import OutageError
+    from tlsweep.sweep import _group
+
+    path = write_sweep(tmp_path, GRID, {**SETTINGS, "group_size": 4})
+    spec = load_sweep(str(path))
+    real_open, trained = Objective.open, []
+
+    def open_on_a_full_disk(self: Objective, run: Any) -> None:
+        if run.trial.number == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", "mlruns/artifacts/x")
+        real_open(self, run)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Objective, "open", open_on_a_full_disk)
+        patch.setattr(_group, "execute_group", lambda *a, **k: trained.append(a) or [])
+        with pytest.raises(OutageError, match="no space left on device"):
+            run_sweep(spec)
+    assert trained == []
+    study = sweep.load_study("grouped", spec.settings.storage)
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 4 + [TrialState.WAITING] * 4
+    assert {t.user_attrs["fail_reason"] for t in study.trials[:4]} == {"the disk was full"}
+    opened = client().get_run(study.trials[0].user_attrs[RUN_ID_ATTR])
+    assert opened.info.status == "FAILED"  # the one run opened before the disk filled
+    assert [RUN_ID_ATTR in t.user_attrs for t in study.trials[:4]] == [True, False, False, False]
+
+    run_sweep(spec)
+    study = sweep.load_study("grouped", spec.settings.storage)
+    assert [t.state for t in study.trials[4:]] == [TrialState.COMPLETE] * 4
+
+
 def test_trials_asked_together_differ_under_tpe(tiny_spec) -> None:
     """TPE's constant liar (on with a group size): a trial asked while its group's others run
     is not drawn on the same values. Without it, TPE asked three times in a row with the same

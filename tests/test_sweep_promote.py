@@ -112,6 +112,64 @@ def test_the_champion_of_a_promoting_sweep_is_the_best_of_its_final_stage() -> N
     assert study.best_trial.number == 1  # what Optuna alone would crown
 
 
+def test_work_is_left_until_the_promoted_trials_have_finished() -> None:
+    """What keeps workers waiting for (and a supervisor replacing) a lost trial: the search,
+    then the promotion, then its trials."""
+    from tlsweep.sweep._run import work_left
+
+    study = study_with(0.2, 0.9, 0.4)
+    assert work_left(study, settings())  # the search
+    study.add_trial(create_trial(params={"x": 0.9}, distributions={"x": X}, value=0.5))
+    assert work_left(study, settings())  # searched, not promoted yet
+    assert not work_left(study, SweepSettings(n_trials=4))  # without promotion: done
+    promote_if_due(study, settings(top_k=1))
+    assert work_left(study, settings())  # promoted, its trial queued
+    study.tell(study.ask(), 0.95)
+    assert not work_left(study, settings())
+    assert not work_left(study, settings(n_trials=10))  # more trials asked: not searched
+
+
+def test_a_finished_promotion_is_complete_whatever_n_trials_says_since() -> None:
+    from types import SimpleNamespace
+
+    from tlsweep.sweep._run import shortfall
+
+    study = study_with(0.2, 0.9, 0.4, 0.8)
+    promote_if_due(study, settings(top_k=1))
+    spec = SimpleNamespace(settings=settings(top_k=1, n_trials=10))
+    session = SimpleNamespace(spec=spec, study=study)
+    assert "before its promoted trials finished" in shortfall(session, "done")
+    study.tell(study.ask(), 0.95)
+    assert shortfall(session, "done") is None  # complete: raising n_trials searches no more
+
+
+def test_a_queued_search_trial_beyond_n_trials_does_not_hold_the_promotion_back() -> None:
+    study = study_with(0.2, 0.9, 0.4, 0.8)
+    study.enqueue_trial({"x": 0.5})  # n_trials lowered since it was queued
+    assert promote_if_due(study, settings(top_k=1)) == [1]
+
+
+def test_the_leaderboard_of_a_promotion_without_promoted_trials() -> None:
+    """Every search trial pruned: the promotion is recorded with nothing to promote."""
+    from tlsweep.sweep._summary import leaderboard
+
+    study = optuna.create_study(direction="maximize")
+    for index in range(2):
+        study.add_trial(
+            create_trial(
+                params={"x": index / 10},
+                distributions={"x": X},
+                state=TrialState.PRUNED,
+                intermediate_values={1: 0.5},
+            )
+        )
+    assert promote_if_due(study, settings(top_k=1, n_trials=2)) == []
+    assert promoted(study) == []
+    board = leaderboard(study)
+    assert board["stage"].tolist() == ["search", "search"]
+    assert "continues" not in board
+
+
 # --- refused settings ------------------------------------------------------------------------
 
 
@@ -140,6 +198,9 @@ def spec_with(tmp_path: Path, write_sweep):
         ({"overrides": ["train.fine_tune.epochs=-1"]}, {}, "train.fine_tune.epochs"),
         ({"overrides": ["no.such.key=1"]}, {}, "no.such.key"),
         ({"top_k": "two"}, {}, "sweep.promote.top_k"),
+        ({"overrides": ["head.dense_units=64"]}, {}, "would change what the promoted trial"),
+        ({"overrides": ["backbone.input_size=64"]}, {}, "'backbone.input_size=64' would change"),
+        ({"overrides": ["head.dropout=0.1"]}, {}, "a searched value"),  # GRID searches it
     ],
 )
 def test_bad_promotion_settings_are_one_line_errors(

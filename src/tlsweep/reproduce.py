@@ -14,7 +14,6 @@ from tlsweep import tracking
 from tlsweep.config import Config, to_config
 from tlsweep.experiment import run, train_head
 
-CONTINUES_RUN_TAG = "tlsweep.continues_run"  # a promoted sweep trial: the run it continued
 COMPARED = ("best_val_accuracy", "best_val_loss", "test_accuracy", "test_loss", "best_epoch")
 
 
@@ -50,7 +49,7 @@ def reproduce(run_id: str, tolerance: float = 0.0) -> Reproduction:
     original = tracking.run_record(run_id)
     cfg = config_of(original)
     tags = {"tlsweep.reproduces": run_id}
-    continued = original["tags"].get(CONTINUES_RUN_TAG)
+    continued = original["tags"].get(tracking.CONTINUES_RUN_TAG)
     with tempfile.TemporaryDirectory() as tmp:
         head = None
         if continued:

@@ -634,9 +634,18 @@ def _check_promote(spec: SweepSpec) -> None:
             "sweep.promote continues head-only trials: train.fine_tune cannot be searched; "
             "put the fine-tuning stage in sweep.promote.overrides"
         )
+    searched = {dim.key for dim in spec.space}
     for text in promote.overrides:
-        if _parse_override(text).is_sweep_override():
+        override = _parse_override(text)
+        if override.is_sweep_override():
             raise UserError(f"sweep.promote.overrides: '{text}' is a search; give fixed values")
+        key = override.key_or_group.lstrip("+~")
+        if key in searched or key.startswith(PROMOTE_KEEPS):
+            raise UserError(
+                f"sweep.promote.overrides: '{text}' would change what the promoted trial "
+                "continues (a searched value, its data, backbone or head's shape); allowed: "
+                "train.*, optimizer.*, augment, head.dropout"
+            )
     from tlsweep.config import load_config
 
     if load_config(spec.base).train.fine_tune.epochs:
@@ -645,6 +654,11 @@ def _check_promote(spec: SweepSpec) -> None:
             "and the fine-tuning stage in sweep.promote.overrides"
         )
     load_config([*spec.base, *promote.overrides])  # bad overrides: a one-line error
+
+
+# What a promoted trial keeps from the trial it continues: the features its head was trained
+# on and the head's shape (its weights must load), besides the searched values.
+PROMOTE_KEEPS = ("data", "backbone", "cache", "head.dense_units", "head.pooling", "seed")
 
 
 def promoted_overrides(spec: SweepSpec) -> list[str]:

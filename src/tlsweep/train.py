@@ -230,7 +230,8 @@ def fine_tune_stage(
     what the head stage fitted end to end (the classifier, or its augmenting wrapper), if it
     did."""
     tc = cfg.train
-    full = full or training_model(model, cfg.augment, cfg.seed)
+    if full is None:
+        full = training_model(model, cfg.augment, cfg.seed)
     unfreeze_top(model, tc.fine_tune.unfreeze_layers)
     compile_classifier(full, make_optimizer(cfg.optimizer, tc.fine_tune.learning_rate))
     train_ds = ImageBatches(data.train, tc.batch_size, shuffle=True, seed=cfg.seed)

@@ -32,6 +32,7 @@ from tlsweep.grouped import Outcome, group_key, groupable
 from tlsweep.sweep._common import FINISHED_STATES, WORKER_ATTR, count
 from tlsweep.sweep._objective import Objective, TrialRun
 from tlsweep.sweep._optuna_private import grid_points_to_do, heartbeat
+from tlsweep.sweepspec import Scalar
 from tlsweep.train import TrainResult
 
 GROUP_TAG = "tlsweep.group"  # on each run of a group: the trial numbers that trained together
@@ -55,7 +56,7 @@ def trials_to_ask(study: optuna.Study, n_trials: int, size: int) -> int:
 
 def ask(
     study: optuna.Study, objective: Objective, k: int
-) -> list[tuple[optuna.Trial, dict[str, object]]]:
+) -> list[tuple[optuna.Trial, dict[str, Scalar]]]:
     """Ask ``k`` trials, each sampled before the next is asked (call it under the study lock:
     the trials are RUNNING when it returns)."""
     asked = []
@@ -71,11 +72,13 @@ def ask(
 def run_group(
     study: optuna.Study,
     objective: Objective,
-    asked: Sequence[tuple[optuna.Trial, dict[str, object]]],
+    asked: Sequence[tuple[optuna.Trial, dict[str, Scalar]]],
 ) -> None:
     """Train the asked trials, in groups where their heads can share a step, and tell Optuna
-    each one's outcome. Raises only a signal (every trial not yet told is failed and queued
-    again first); an outage is left on ``objective.outage`` as `Objective.__call__` leaves it."""
+    each one's outcome. A signal, or an error of Optuna's storage, fails every trial not yet
+    told (a signal queues it again) and is raised; an outage (a server gone, a full disk) does
+    the same to the group but is left on ``objective.outage``, as `Objective.__call__` leaves
+    it."""
     runs = [objective.begin(trial, dict(params)) for trial, params in asked]
     told: set[int] = set()
     with contextlib.ExitStack() as beats:
@@ -88,7 +91,7 @@ def run_group(
             for run in runs:
                 if run.trial.number not in told:
                     _tell_failed(study, objective, run, exc, told)
-            if not isinstance(exc, Exception):
+            if exc is not objective.outage_cause:
                 raise
 
 
@@ -97,6 +100,7 @@ def _train_all(
 ) -> None:
     opened = []
     for run in runs:
+        _stop_on_outage(objective)
         try:
             objective.open(run)
         except Exception as exc:
@@ -105,6 +109,7 @@ def _train_all(
             opened.append(run)
     for members in _partition(opened):
         interrupts.raise_pending()
+        _stop_on_outage(objective)
         try:
             outcomes = _train(objective, members)
         except Exception as exc:  # the group's own failure (building it, say): all its trials
@@ -114,6 +119,13 @@ def _train_all(
                 _tell_failed(study, objective, run, outcome, told)
             else:
                 _tell_finished(study, objective, run, outcome, names, told)
+
+
+def _stop_on_outage(objective: Objective) -> None:
+    """A trial met an outage: the group's other trials are not opened or trained (each would
+    wait out the same outage), but failed and queued again with it (`run_group`)."""
+    if objective.outage_cause is not None:
+        raise objective.outage_cause
 
 
 def _partition(runs: Sequence[TrialRun]) -> list[list[TrialRun]]:
@@ -162,13 +174,13 @@ def _tell_finished(
     except Exception as exc:
         _tell_failed(study, objective, run, exc, told)
         return
-    told.add(run.trial.number)
     try:
         values = objective.outcome(run)
     except optuna.TrialPruned:
         study.tell(run.trial, state=TrialState.PRUNED)
-        return
-    study.tell(run.trial, values)
+    else:
+        study.tell(run.trial, values)
+    told.add(run.trial.number)
 
 
 def _tell_failed(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,6 @@ from tlsweep.latency import measure_latency
 from tlsweep.model import head_of, parameter_counts
 from tlsweep.progress import SweepProgress
 from tlsweep.redaction import redact
-from tlsweep.reproduce import CONTINUES_RUN_TAG
 from tlsweep.sweep import _promote
 from tlsweep.sweep._artifacts import ArtifactFolder, upload_confusion_matrix
 from tlsweep.sweep._common import FAIL_REASON_ATTR, RUN_ID_ATTR, WORKER_ATTR
@@ -69,6 +69,7 @@ class Objective:
         self.worker = ""  # recorded on each trial, to find a dead worker's trials
         self.on_start: Callable[[], None] = lambda: None  # called once the trial is RUNNING
         self.outage: OutageError | None = None  # a gone server or a full disk a trial met
+        self.outage_cause: BaseException | None = None  # the error that told of it
         self.artifacts: ArtifactFolder | None = None  # each trial's confusion matrix goes there
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -125,12 +126,13 @@ class Objective:
 
     def _promotion_tags(self, run: TrialRun) -> dict[str, str]:
         """A promoted trial's link to the search trial it continues, on its run."""
-        continued = run.trial.study.get_trials(deepcopy=False)[int(run.continues or 0)]
+        assert run.continues is not None
+        continued = run.trial.study.get_trials(deepcopy=False)[run.continues]
         overrides = " ".join(promoted_overrides(self.spec))
         return {
             "tlsweep.stage": _promote.PROMOTED,
             "tlsweep.continues_trial": str(continued.number),
-            CONTINUES_RUN_TAG: str(continued.user_attrs.get(RUN_ID_ATTR, "")),
+            tracking.CONTINUES_RUN_TAG: str(continued.user_attrs.get(RUN_ID_ATTR, "")),
             "mlflow.note.content": f"Trial {run.trial.number} of sweep "
             f"`{self.spec.settings.study_name}`: trial {continued.number} promoted, continued "
             f"from its head with `{overrides}`",
@@ -143,8 +145,9 @@ class Objective:
         prepared = prepare(run.cfg, load=self.data.load, backbones=self.backbones)
         head_epochs = None
         if run.continues is not None:
-            path, head_epochs = _promote.trained_head(run.trial.study, run.continues)
-            head_of(prepared.model).load_weights(path)
+            with tempfile.TemporaryDirectory(prefix="tlsweep-") as folder:
+                path, head_epochs = _promote.trained_head(run.trial.study, run.continues, folder)
+                head_of(prepared.model).load_weights(path)
         result = execute(
             run.run_id,
             run.cfg,
@@ -216,7 +219,7 @@ class Objective:
             reason = "the tracking server was unreachable" if outage else "the disk was full"
             retry_interrupted(trial.study, trial.number, s.max_retry)
             message = full_disk_message(full) if full else tracking.unreachable_message(exc)
-            self.outage = OutageError(message)
+            self.outage, self.outage_cause = OutageError(message), exc
         else:  # the text may quote a URL with its password: never stored or shown as is
             reason = redact(f"{type(exc).__name__}: {exc}")
         trial.set_user_attr(FAIL_REASON_ATTR, reason[:2000])

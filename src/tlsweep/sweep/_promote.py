@@ -9,7 +9,7 @@ with ``sweep.promote.overrides`` (a fine-tuning stage, augmentation, more epochs
 the head weights its first-stage trial logged (its epochs numbered on from that trial's), and
 is not pruned (it was picked to be run
 through). Its value is the best epoch of its own training; the sweep's champion is the best of
-this final stage.
+this final stage (the search's best until one of them has completed).
 
 Faults: the promotion is recorded before its trials are queued, and queueing is repeated for
 any promoted trial left without one, so a process killed in between loses nothing and
@@ -95,12 +95,13 @@ def waiting_for_promotion(study: optuna.Study) -> bool:
     )
 
 
-def trained_head(study: optuna.Study, number: int) -> tuple[str, int]:
-    """A local copy of the head weights that search trial ``number`` logged, and the epochs
-    it trained them for (its last reported step): the promoted trial numbers its own on."""
+def trained_head(study: optuna.Study, number: int, folder: str) -> tuple[str, int]:
+    """The head weights that search trial ``number`` logged, downloaded into ``folder``, and
+    the epochs it trained them for (its last reported step): the promoted trial numbers its
+    own on."""
     trial = study.get_trials(deepcopy=False)[number]
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
-    path = tracking.download_head_weights(run_id) if run_id else None
+    path = tracking.download_head_weights(run_id, folder) if run_id else None
     if path is None:
         raise RuntimeError(
             f"trial {number} logged no head weights to continue from (run {run_id}); "
@@ -114,11 +115,16 @@ def _search(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def _search_complete(study: optuna.Study, trials: Sequence[FrozenTrial], n_trials: int) -> bool:
-    """Every search trial has ended and ``n_trials`` finished (or the grid has no point left)."""
+    """``n_trials`` search trials finished (or the grid has no point left) and none running.
+    A queued search trial beyond ``n_trials`` (``n_trials`` lowered since) does not hold the
+    promotion back: the search would never run it."""
     search = _search(trials)
-    if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in search):
+    if any(t.state == TrialState.RUNNING for t in search):
         return False
     finished = sum(t.state in FINISHED_STATES for t in search)
     sampler = study.sampler
     exhausted = isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study)
-    return finished >= n_trials or exhausted
+    if finished >= n_trials:
+        return True
+    waiting = any(t.state == TrialState.WAITING for t in search)
+    return exhausted and not waiting

@@ -44,7 +44,7 @@ from tlsweep.sweep._storage import (
     storage_url,
 )
 from tlsweep.sweep._summary import SweepSummary, parent_tags, summarize
-from tlsweep.sweepspec import SweepSpec
+from tlsweep.sweepspec import SweepSettings, SweepSpec
 
 
 @dataclass
@@ -254,13 +254,20 @@ def shortfall(session: Session, stopped: str) -> str | None:
     with every point done is complete); None when it has them all."""
     s, study = session.spec.settings, session.study
     done = finished(session)
-    if done >= s.n_trials or (
-        isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study)
-    ):
-        if s.promote is None or _promotion_done(study):
+    if _promote.promoted(study) is not None:  # the search is over: only its promoted trials
+        if _promotion_done(study):
             return None
         return (
             f"sweep {s.study_name} ended before its promoted trials finished ({done} trials "
+            "finished); run the same command again to continue"
+        )
+    if done >= s.n_trials or (
+        isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study)
+    ):
+        if s.promote is None:
+            return None
+        return (
+            f"sweep {s.study_name} ended before its promoted trials started ({done} trials "
             "finished); run the same command again to continue"
         )
     if stopped == "timeout":
@@ -309,9 +316,15 @@ def _others_may_fail(session: Session) -> bool:
     if session.supervised and session.url.startswith("journal:"):
         return False
     study = session.study
-    return count(study, FINISHED_STATES) < session.spec.settings.n_trials and bool(
-        count(study, (TrialState.RUNNING,))
-    )
+    return work_left(study, session.spec.settings) and bool(count(study, (TrialState.RUNNING,)))
+
+
+def work_left(study: optuna.Study, settings: SweepSettings) -> bool:
+    """Whether the sweep still has trials to finish: its ``n_trials`` (the search), then, with
+    ``sweep.promote``, its promoted trials."""
+    if _promote.promoted(study) is not None:
+        return not _promotion_done(study)
+    return count(study, FINISHED_STATES) < settings.n_trials or settings.promote is not None
 
 
 def _promotion_done(study: optuna.Study) -> bool:

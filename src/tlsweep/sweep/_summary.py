@@ -246,9 +246,11 @@ def leaderboard(study: optuna.Study, parent_run_id: str | None = None) -> pd.Dat
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     board = report.leaderboard(frame, runs, maximize=maximize)
     if staged and not board.empty:  # the final stage first: the champion is its best
-        board["continues"] = board["continues"].astype("Int64")
-        final_first = board["stage"].ne(_promote.PROMOTED)
-        board = board.sort_values("stage", key=lambda _: final_first, kind="stable")
+        if "continues" in board:  # (gone when no promoted trial exists yet)
+            board["continues"] = board["continues"].astype("Int64")
+        board = board.sort_values(
+            "stage", key=lambda stage: stage.ne(_promote.PROMOTED), kind="stable"
+        )
         board = board.reset_index(drop=True)
     return board
 

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 from tlsweep import backend, interrupts, tracking
 from tlsweep.errors import OutageError, UserError
 from tlsweep.progress import SweepProgress
-from tlsweep.sweep._run import Session, default_progress, finish, finished, open_session
+from tlsweep.sweep._run import (
+    Session,
+    default_progress,
+    finish,
+    finished,
+    open_session,
+    work_left,
+)
 from tlsweep.sweep._storage import fail_lost_trials
 from tlsweep.sweep._summary import SweepSummary
 from tlsweep.sweepspec import WORKER_STORAGE_ENV, SweepSpec
@@ -153,7 +160,7 @@ def _supervise(
             reason = f"worker {worker.id} died (exit code {code})"
             lost = fail_lost_trials(session.study, worker.id, reason, s.max_retry)
             print(f"{reason}; trials {lost or 'none'} failed and queued for retry", flush=True)
-            if finished(session) < s.n_trials:
+            if work_left(session.study, s):  # search trials, or promoted ones, still to finish
                 restarts[worker.slot] = restarts.get(worker.slot, 0) + 1
                 if sum(restarts.values()) > max_restarts:
                     raise RuntimeError(f"workers died {sum(restarts.values())} times; stopping")

@@ -63,6 +63,7 @@ from tlsweep.tracking._read import (
     run_record,
 )
 from tlsweep.tracking._store import (
+    CONTINUES_RUN_TAG,
     DEFAULT_STORE_DIR,
     close_lost_run,
     connect,
@@ -83,6 +84,7 @@ from tlsweep.tracking._store import (
 from tlsweep.tracking._system import SYSTEM_PREFIX, monitor_system
 
 __all__ = [
+    "CONTINUES_RUN_TAG",
     "DEFAULT_STORE_DIR",
     "HEAD_WEIGHTS",
     "LEADERBOARD_METRICS",

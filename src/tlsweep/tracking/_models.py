@@ -154,12 +154,15 @@ def log_head_weights(run_id: str, head: KerasModel) -> None:
         mlflow.MlflowClient().log_artifact(run_id, str(path), folder)
 
 
-def download_head_weights(run_id: str) -> str | None:
-    """Local path of the run's head weights (a temporary download), or None."""
+def download_head_weights(run_id: str, folder: str | None = None) -> str | None:
+    """Local path of the run's head weights, downloaded into ``folder`` (None: a new
+    temporary folder), or None if the run has none."""
     client = mlflow.MlflowClient()
     if not any(f.path == HEAD_WEIGHTS for f in client.list_artifacts(run_id, "head")):
         return None
-    return client.download_artifacts(run_id, HEAD_WEIGHTS, tempfile.mkdtemp(prefix="tlsweep-"))
+    return client.download_artifacts(
+        run_id, HEAD_WEIGHTS, folder or tempfile.mkdtemp(prefix="tlsweep-")
+    )
 
 
 def class_names(run_id: str) -> list[str]:

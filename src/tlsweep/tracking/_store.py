@@ -65,6 +65,9 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri != "sqlite:///:memory:" else None
 
 
+CONTINUES_RUN_TAG = "tlsweep.continues_run"  # a promoted sweep trial: the run it continues
+
+
 @contextmanager
 def start_run(
     experiment: str,
