@@ -17,11 +17,17 @@ The interruption is then remembered and raised again at the next safe point
 (`raise_pending`: every training batch, every trial, the trial loop, the feature pass, the
 waits for a database or the study lock, the end of the command).
 
-Nor is it raised inside database code (`PROTECTED_MODULES`: SQLAlchemy, the SQLite and
-PostgreSQL drivers, MLflow's SQL stores, Optuna's storages): an exception cut through a
-transaction there can leave this process holding the database's lock (seen with MLflow's
-SQLite store: every later write, this process's own clean-up included, then waits out the
-20 s busy timeout and fails). It is held back until the next safe point instead.
+Nor is it raised inside code that cannot take it (`PROTECTED_MODULES`), where it is held back
+until the next safe point instead:
+
+- database code (SQLAlchemy, the SQLite and PostgreSQL drivers, MLflow's SQL stores, Optuna's
+  storages): an exception cut through a transaction there can leave this process holding the
+  database's lock (seen with MLflow's SQLite store: every later write, this process's own
+  clean-up included, then waits out the 20 s busy timeout and fails);
+- TensorFlow and Keras, which catch every exception in places (bare ``except:``) and raise
+  another: a SIGTERM landing in ``tf.int32.min`` became ``TypeError: Cannot find minimum
+  value`` (seen in CI), failing the trial as broken instead of queueing it again. Training
+  loops reach a safe point every batch (`tlsweep.train.Interruptible`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ PROTECTED_MODULES = (
     "mlflow.store.tracking.sqlalchemy_store",
     "mlflow.store.model_registry.sqlalchemy_store",
     "optuna.storages",
+    "tensorflow",
+    "keras",
 )
 _pending: Interrupted | None = None  # the signal received, until it is seen handled
 
@@ -92,7 +100,7 @@ def exit_code(exc: BaseException) -> int:
     return exc.exit_code if isinstance(exc, Interrupted) else 128 + signal.SIGINT
 
 
-def in_database_code(frame: FrameType | None) -> bool:
+def in_protected_code(frame: FrameType | None) -> bool:
     """Whether ``frame`` or a caller of it runs in one of the `PROTECTED_MODULES`."""
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
@@ -108,6 +116,6 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # ...unless Ctrl-C is pressed again
     _pending = Interrupted(signum)
-    if in_database_code(frame):
-        return  # raised at the next safe point, the transaction done
+    if in_protected_code(frame):
+        return  # raised at the next safe point, the transaction or library call done
     raise _pending

@@ -147,7 +147,7 @@ def predict_images(model: keras.Model, split: Split, batch_size: int) -> np.ndar
         return np.zeros((0, model.output_shape[-1]), dtype="float32")
     batches = ImageBatches(split, batch_size)
     with reading(batches):
-        return np.asarray(model.predict(batches, verbose=0))
+        return np.asarray(model.predict(batches, verbose=0, callbacks=[Interruptible()]))
 
 
 def predict_small(model: keras.Model, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -332,6 +332,9 @@ class Interruptible(keras.callbacks.Callback):
         interrupts.raise_pending()
 
     def on_test_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        interrupts.raise_pending()
+
+    def on_predict_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         interrupts.raise_pending()
 
 
